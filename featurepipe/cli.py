@@ -1,0 +1,197 @@
+"""Command-line interface: parse, call the library, print, exit.
+
+Every handler is a thin wrapper over the public API. A :class:`FeaturePipeError` becomes one
+clear line on stderr and exit code 1; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from featurepipe.exceptions import FeaturePipeError
+
+EXIT_ERROR = 1
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+# --------------------------------------------------------------------------- embed / inspect / models
+
+
+def _add_backbone_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backbone", default="efficientnet_lite0",
+                   help="efficientnet_lite0 (offline default), torchvision:NAME, timm:NAME, "
+                        "or a fine-tuned model folder (see `featurepipe models`)")
+    p.add_argument("--weights", default=None,
+                   help="weights: a torchvision enum name (e.g. IMAGENET1K_V2), a local file, "
+                        "or 'random'; default: the backbone's pretrained weights")
+    p.add_argument("--layer", default=None,
+                   help="take features from this named layer (globally average-pooled)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="override the crop size (keeps the weights' mean/std and crop ratio)")
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=None, help="decode workers (default: auto)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto = bf16 where the hardware has it; fp32 = exact mode")
+    p.add_argument("--on-error", default="skip", choices=["skip", "raise"],
+                   help="skip bad images and report them (default), or stop at the first one")
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from featurepipe.embed import embed
+
+    report = embed(
+        args.source, args.out, args.backbone, weights=args.weights, layer=args.layer,
+        image_size=args.image_size, batch_size=args.batch_size, workers=args.workers,
+        device=args.device, precision=args.precision, dtype=args.dtype,
+        on_error=args.on_error, content_hash=args.content_hash, progress=not args.quiet,
+        lock_timeout=args.lock_timeout, log=_say,
+    )
+    if args.json:
+        _print_json(report.to_dict())
+        return 0
+    if not args.quiet or report.n_skipped:
+        print(f"{report.store}: {report.n_rows} rows ({report.backbone}, key {report.key}); "
+              f"computed {report.n_computed}, reused {report.n_reused}, "
+              f"dropped {report.n_dropped}, skipped {report.n_skipped} "
+              f"in {report.seconds:.1f}s"
+              + (f" ({report.images_per_second:.1f} img/s on {report.device}, {report.precision})"
+                 if report.n_computed else ""))
+    for sid, reason in report.skipped:
+        print(f"  skipped {sid}: {reason}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from featurepipe.store import FeatureStore
+
+    info = FeatureStore(args.store).info(args.key)
+    if args.json:
+        _print_json(info)
+        return 0
+    print(f"{info['path']}  (entry {info['key']})")
+    for name in ("n_rows", "dim", "dtype", "backbone", "layer", "precision", "weights_sha256",
+                 "n_labelled", "created", "updated"):
+        if name in info:
+            print(f"  {name:15s} {info[name]}")
+    print(f"  {'classes':15s} {', '.join(map(str, info.get('classes', []))) or '-'}")
+    print(f"  {'n_skipped':15s} {info['n_skipped']}")
+    for item in info["skipped"][:50]:
+        print(f"    {item['id']}: {item['reason']}")
+    if len(info.get("entries", [])) > 1:
+        print("  other entries in this file:")
+        for e in info["entries"]:
+            if e["key"] != info["key"]:
+                print(f"    {e['key']}  {e['backbone']}  {e['n_rows']} rows")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from featurepipe.backbones import list_backbones
+
+    rows = list_backbones()
+    if args.json:
+        _print_json(rows)
+        return 0
+    width = max(len(r["name"]) for r in rows)
+    for r in rows:
+        status = "offline" if r["offline"] else "download"
+        print(f"{r['name']:<{width}}  {status:8s}  {r.get('note', '')}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from featurepipe.demo import run_demo
+
+    result = run_demo(out_dir=args.out, progress=not args.quiet, log=_say)
+    if args.json:
+        _print_json(result)
+    else:
+        print(result["table"])
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from featurepipe import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="featurepipe",
+        description="Transfer learning on images: embed once, cache in HDF5, train heads.")
+    parser.add_argument("--version", action="version", version=f"featurepipe {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("embed", help="embed images into an HDF5 feature store")
+    p.add_argument("source", help="class-per-subfolder folder, CSV manifest, IDX file or folder")
+    p.add_argument("--out", required=True, help="the feature store (.h5)")
+    _add_backbone_args(p)
+    _add_engine_args(p)
+    p.add_argument("--dtype", default="float16", choices=["float16", "float32"])
+    p.add_argument("--content-hash", action="store_true",
+                   help="fingerprint files by sha256 of their bytes instead of size+mtime")
+    p.add_argument("--lock-timeout", type=float, default=3600.0,
+                   help="seconds to wait for another writer of the same store (0 = fail at once)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("inspect", help="describe a feature store")
+    p.add_argument("store")
+    p.add_argument("--key", default=None, help="entry key when the file holds several")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("models", help="list backbones: what works offline, what needs a download")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("demo", help="embed the bundled digits set, train heads, print a table")
+    p.add_argument("--out", default="featurepipe-demo", help="folder for the demo's store")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_demo)
+
+    for register in _EXTRA_COMMANDS:
+        register(sub)
+    return parser
+
+
+#: Other modules register their subcommands here (fit/predict, finetune, compare ...).
+_EXTRA_COMMANDS: list[Callable[[Any], None]] = []
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except FeaturePipeError as exc:
+        if args.debug:
+            raise
+        print(f"featurepipe: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("featurepipe: interrupted (rerun the same command to resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,439 @@
+"""Local embedding engine: batched DataLoader -> backbone -> feature store.
+
+Only what the store does not already hold is computed. Work is cut into deterministic shards
+(fixed slices of the plan, batches never cross a shard), each written atomically as it completes,
+so a killed run resumes where it stopped and ends bit-identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from featurepipe.backbones import Backbone, BackboneSpec, load_backbone, resolve_spec
+from featurepipe.decode import DecodePolicy
+from featurepipe.exceptions import ConfigError, DecodeError
+from featurepipe.sources import ImageSource, open_source
+from featurepipe.store import FEATURE_FORMAT_VERSION, FeatureStore, entry_key
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+FEATURE_DTYPES = ("float16", "float32")
+ON_ERROR = ("skip", "raise")
+
+
+@dataclass
+class EmbedReport:
+    """What one `embed` call did; printed by the CLI, returned to Python callers."""
+
+    store: str
+    key: str
+    backbone: str
+    n_total: int
+    n_rows: int
+    n_computed: int
+    n_reused: int
+    n_skipped: int
+    n_dropped: int
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    images_per_second: float = 0.0
+    device: str = "cpu"
+    precision: str = "fp32"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["skipped"] = [{"id": i, "reason": r} for i, r in self.skipped]
+        return d
+
+
+# --------------------------------------------------------------------------- device / precision
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` picks cuda, then mps, then cpu; anything else is checked to exist."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ConfigError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+    return dev
+
+
+@lru_cache(maxsize=1)
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with bf16 instructions (AMX or AVX512-BF16), where bf16 autocast is a win."""
+    if sys.platform != "linux":
+        return False
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            flags = fh.read()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """Turn ``auto`` into the fastest precision that keeps features within cosine 0.99 of fp32."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    if precision != "auto":
+        if device.type == "cpu" and precision == "fp16":
+            raise ConfigError("precision fp16 is not supported on CPU; use bf16 or fp32")
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device.type == "cpu" and cpu_has_native_bf16():
+        return "bf16"
+    return "fp32"
+
+
+def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Autocast for bf16/fp16, a no-op for fp32 (exact mode)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def default_workers(device: torch.device) -> int:
+    """Decode workers: leave the cores to the forward pass on CPU, feed the GPU generously."""
+    cores = os.cpu_count() or 1
+    if device.type == "cpu":
+        return max(0, min(4, cores // 2))
+    return min(8, max(1, cores - 1))
+
+
+# --------------------------------------------------------------------------- key and attrs
+
+
+def key_parts(backbone: Backbone, policy: DecodePolicy, precision: str, dtype: str) -> dict:
+    """Everything that changes a feature value; hashed into the store's entry key."""
+    spec = backbone.spec.to_dict()
+    return {
+        "backbone": spec,
+        "weights_sha256": backbone.weights_sha256,
+        "layer": backbone.spec.layer,
+        "preprocess": backbone.preprocess.to_dict(),
+        "decode_policy": policy.to_dict(),
+        "dtype": dtype,
+        "precision": precision,
+        "feature_format_version": FEATURE_FORMAT_VERSION,
+    }
+
+
+def library_versions() -> dict[str, str]:
+    import h5py
+    import PIL
+    import sklearn
+    import timm
+    import torchvision
+
+    import featurepipe
+
+    return {
+        "featurepipe": featurepipe.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "timm": timm.__version__,
+        "numpy": np.__version__,
+        "h5py": h5py.__version__,
+        "pillow": PIL.__version__,
+        "scikit-learn": sklearn.__version__,
+    }
+
+
+def store_attrs(parts: dict, backbone: Backbone, device: torch.device) -> dict:
+    """Readable attributes for the store entry: the key's parts plus provenance."""
+    return {
+        **parts,
+        "spec": backbone.spec.to_dict(),
+        "backbone_name": backbone.spec.name,
+        "dim": backbone.feature_dim,
+        "device": str(device),
+        "versions": library_versions(),
+    }
+
+
+# --------------------------------------------------------------------------- data loading
+
+
+class _SourceDataset(Dataset):
+    """Decodes and preprocesses one sample; a bad file becomes a zero tensor plus a reason."""
+
+    def __init__(
+        self,
+        source: ImageSource,
+        indices: Sequence[int],
+        transform: Callable,
+        policy: DecodePolicy,
+        input_size: tuple[int, int],
+        target_size: int | None,
+    ) -> None:
+        self.source = source
+        self.indices = list(indices)
+        self.transform = transform
+        self.policy = policy
+        self.input_size = input_size
+        self.target_size = target_size
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int) -> tuple[int, torch.Tensor, str]:
+        i = self.indices[k]
+        try:
+            image = self.source.load(i, self.policy, target_size=self.target_size)
+            return i, self.transform(image), ""
+        except DecodeError as exc:
+            reason = exc.reason
+        except Exception as exc:  # noqa: BLE001 - one odd file must never kill a long run
+            reason = f"failed: {type(exc).__name__}: {exc}"
+        return i, torch.zeros(3, *self.input_size), reason
+
+
+def _collate(batch: list[tuple[int, torch.Tensor, str]]) -> tuple[list[int], torch.Tensor, list[str]]:
+    idx, tensors, reasons = zip(*batch)
+    return list(idx), torch.stack(tensors), list(reasons)
+
+
+def plan_shards(indices: Sequence[int], ids: Sequence[str], fps: Sequence[str], shard_size: int
+                ) -> list[tuple[str, list[int]]]:
+    """Cut the work into fixed slices named by position and content, so a rerun finds them again."""
+    shards = []
+    for n, start in enumerate(range(0, len(indices), shard_size)):
+        part = list(indices[start:start + shard_size])
+        digest = hashlib.blake2b(digest_size=8)
+        for i in part:
+            digest.update(ids[i].encode())
+            digest.update(b"\0")
+            digest.update(fps[i].encode())
+            digest.update(b"\n")
+        shards.append((f"{n:06d}-{digest.hexdigest()}", part))
+    return shards
+
+
+class _ShardBatchSampler:
+    """Batches in dataset positions that never cross a shard boundary (deterministic batching)."""
+
+    def __init__(self, shards: list[tuple[str, list[int]]], batch_size: int) -> None:
+        self.batches: list[list[int]] = []
+        offset = 0
+        for _, part in shards:
+            for start in range(0, len(part), batch_size):
+                stop = min(start + batch_size, len(part))
+                self.batches.append(list(range(offset + start, offset + stop)))
+            offset += len(part)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+# --------------------------------------------------------------------------- the engine
+
+
+def _validate(batch_size: int, dtype: str, on_error: str, workers: int | None) -> None:
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive integer; got {batch_size!r}")
+    if dtype not in FEATURE_DTYPES:
+        raise ConfigError(f"dtype must be one of {', '.join(FEATURE_DTYPES)}; got {dtype!r}")
+    if on_error not in ON_ERROR:
+        raise ConfigError(f"on_error must be 'skip' or 'raise'; got {on_error!r}")
+    if workers is not None and (not isinstance(workers, int) or workers < 0):
+        raise ConfigError(f"workers must be a non-negative integer; got {workers!r}")
+
+
+def prepare_model(backbone: Backbone, device: torch.device) -> torch.nn.Module:
+    """The extractor on its device, eval mode, channels_last (oneDNN / tensor cores like NHWC)."""
+    model = backbone.extractor.eval().to(device)
+    return model.to(memory_format=torch.channels_last)
+
+
+def forward_features(model: torch.nn.Module, x: torch.Tensor, device: torch.device, precision: str
+                     ) -> torch.Tensor:
+    """One batch through the extractor, returned as float32 on the CPU."""
+    x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), autocast_context(device, precision):
+        out = model(x)
+    return out.float().cpu()
+
+
+def embed(
+    source: Any,
+    store: str | os.PathLike | FeatureStore,
+    backbone: str | BackboneSpec = "efficientnet_lite0",
+    *,
+    weights: str | None = None,
+    layer: str | None = None,
+    image_size: int | None = None,
+    labels: Sequence | None = None,
+    batch_size: int = 64,
+    workers: int | None = None,
+    device: str = "auto",
+    precision: str = "auto",
+    dtype: str = "float16",
+    on_error: str = "skip",
+    decode_policy: DecodePolicy | None = None,
+    content_hash: bool = False,
+    drop_missing: bool = True,
+    shard_size: int | None = None,
+    lock_timeout: float = 3600.0,
+    progress: bool = True,
+    loaded_backbone: Backbone | None = None,
+    log: Callable[[str], None] | None = None,
+) -> EmbedReport:
+    """Embed a source into a feature store, computing only what the store lacks.
+
+    Parameters
+    ----------
+    source : folder, CSV manifest, list of paths, array, IDX file or ImageSource
+        Anything :func:`featurepipe.sources.open_source` accepts.
+    store : path or FeatureStore
+        The HDF5 file. Rows of other specs in it are left alone.
+    backbone, weights, layer, image_size
+        The backbone spec (see :func:`featurepipe.backbones.resolve_spec`).
+    batch_size, workers, device, precision
+        Engine settings. ``precision="auto"`` is bf16 on CPUs with native bf16 and on CUDA
+        (fp16 where bf16 is missing), fp32 elsewhere; ``"fp32"`` is exact mode.
+    dtype : {"float16", "float32"}
+        How features are stored.
+    on_error : {"skip", "raise"}
+        ``skip`` records bad files with a reason in the store and the report; ``raise`` stops
+        with a :class:`~featurepipe.exceptions.DecodeError` naming the file.
+    drop_missing : bool
+        Drop rows of files no longer in the source (True for folders that changed).
+
+    Returns
+    -------
+    EmbedReport
+
+    Examples
+    --------
+    >>> from featurepipe.embed import embed
+    >>> report = embed("photos/", "photos.h5")  # doctest: +SKIP
+    >>> report.n_rows, report.n_skipped  # doctest: +SKIP
+    (1200, 3)
+    """
+    _validate(batch_size, dtype, on_error, workers)
+    t0 = time.perf_counter()
+    say = log or (lambda _msg: None)
+    src = open_source(source, labels=labels)
+    policy = decode_policy or DecodePolicy()
+    dev = resolve_device(device)
+    prec = resolve_precision(precision, dev)
+    if loaded_backbone is None:
+        spec = backbone if isinstance(backbone, BackboneSpec) else resolve_spec(
+            backbone, weights=weights, layer=layer, image_size=image_size)
+        loaded_backbone = load_backbone(spec)
+    bb = loaded_backbone
+    parts = key_parts(bb, policy, prec, dtype)
+    key = entry_key(parts)
+    fs = store if isinstance(store, FeatureStore) else FeatureStore(store)
+
+    ids = [s.id for s in src.samples]
+    fps = [src.fingerprint(i, content_hash=content_hash) for i in range(len(src))]
+    with fs.writer(key, store_attrs(parts, bb, dev), lock_timeout=lock_timeout,
+                   on_wait=say) as writer:
+        done = writer.existing()
+        done_skipped = writer.existing_skipped()
+        todo = [i for i in range(len(src))
+                if done.get(ids[i]) != fps[i]
+                and done_skipped.get(ids[i], ("", ""))[0] != fps[i]]
+        size = shard_size or max(batch_size, 1024 // batch_size * batch_size)
+        shards = [(name, part) for name, part in plan_shards(todo, ids, fps, size)
+                  if not writer.shard_done(name)]
+        n_pending = sum(len(p) for _, p in shards)
+        if n_pending:
+            _run_shards(src, shards, writer, bb, dev, prec, policy, batch_size,
+                        default_workers(dev) if workers is None else workers,
+                        on_error, ids, fps, dtype, progress)
+        order = [(ids[i], fps[i], int(src.samples[i].label)) for i in range(len(src))]
+        result = writer.commit(order, src.class_names, drop_missing=drop_missing)
+    info = fs.info(key)
+    seconds = time.perf_counter() - t0
+    return EmbedReport(
+        store=str(fs.path), key=key, backbone=bb.spec.name, n_total=len(src),
+        n_rows=result.n_rows, n_computed=n_pending, n_reused=result.n_reused,
+        n_skipped=result.n_skipped, n_dropped=result.n_dropped,
+        skipped=[(d["id"], d["reason"]) for d in info["skipped"]],
+        seconds=seconds, images_per_second=n_pending / seconds if n_pending else 0.0,
+        device=str(dev), precision=prec,
+    )
+
+
+def _run_shards(src: ImageSource, shards: list[tuple[str, list[int]]], writer: Any, bb: Backbone,
+                dev: torch.device, prec: str, policy: DecodePolicy, batch_size: int, workers: int,
+                on_error: str, ids: list[str], fps: list[str], dtype: str, progress: bool) -> None:
+    """Stream batches through the model; write each shard the moment its last batch is done."""
+    from tqdm.auto import tqdm
+
+    flat = [i for _, part in shards for i in part]
+    pre = bb.preprocess
+    dataset = _SourceDataset(src, flat, pre.eval_transform(), policy, tuple(pre.input_size),
+                             pre.resize_size if policy.reduce_on_load else None)
+    loader = DataLoader(
+        dataset, batch_sampler=_ShardBatchSampler(shards, batch_size), num_workers=workers,
+        collate_fn=_collate, pin_memory=dev.type == "cuda",
+        persistent_workers=False, prefetch_factor=4 if workers else None,
+    )
+    model = prepare_model(bb, dev)
+    np_dtype = np.float16 if dtype == "float16" else np.float32
+    shard_iter = iter(shards)
+    name, part = next(shard_iter)
+    feats: dict[int, np.ndarray] = {}
+    bad: dict[int, str] = {}
+    bar = tqdm(total=len(flat), unit="img", disable=not progress, dynamic_ncols=True,
+               desc=f"embed {bb.spec.name}")
+    try:
+        for idx, x, reasons in loader:
+            good = [k for k, r in enumerate(reasons) if not r]
+            for k, r in enumerate(reasons):
+                if r:
+                    if on_error == "raise":
+                        raise DecodeError(src.samples[idx[k]].path or ids[idx[k]], r)
+                    bad[idx[k]] = r
+            if good:
+                out = forward_features(model, x[good], dev, prec).numpy()
+                for row, k in enumerate(good):
+                    feats[idx[k]] = out[row].astype(np_dtype)
+            bar.update(len(idx))
+            while part is not None and all(i in feats or i in bad for i in part):
+                _write_shard(writer, name, part, feats, bad, ids, fps, bb.feature_dim, np_dtype)
+                nxt = next(shard_iter, None)
+                name, part = nxt if nxt else (None, None)
+    finally:
+        bar.close()
+
+
+def _write_shard(writer: Any, name: str, part: list[int], feats: dict[int, np.ndarray],
+                 bad: dict[int, str], ids: list[str], fps: list[str], dim: int,
+                 np_dtype: type) -> None:
+    good = [i for i in part if i in feats]
+    matrix = (np.stack([feats.pop(i) for i in good]) if good
+              else np.zeros((0, dim), dtype=np_dtype))
+    skipped = [(ids[i], fps[i], bad.pop(i)) for i in part if i in bad]
+    writer.write_shard(name, [ids[i] for i in good], [fps[i] for i in good], matrix, skipped)
