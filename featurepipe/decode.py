@@ -1,0 +1,482 @@
+"""The one place images are opened: format allowlist, size limit, EXIF, pixel modes, clear errors.
+
+Every image featurepipe embeds, fine-tunes on or predicts goes through :func:`decode_image` (files)
+or :func:`array_to_image` (arrays), so training and inference see identical pixels, and a bad file
+always surfaces as a :class:`~featurepipe.exceptions.DecodeError` with a short, stable ``reason``
+that the feature store records in its skipped-file list:
+
+``missing``, ``not a file``, ``empty file``, ``not an image``, ``truncated``,
+``too large (W x H pixels > LIMIT)``, ``unsupported format X``, ``unsupported mode X``,
+``unreadable: <detail>``.
+
+Decisions that change pixels (and therefore features) live in :class:`DecodePolicy`, whose
+:meth:`DecodePolicy.to_dict` is part of the feature-store entry key.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import stat
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from featurepipe.exceptions import ConfigError, DecodeError
+
+__all__ = [
+    "DEFAULT_FORMATS",
+    "DRAFT_GAP",
+    "IMAGE_EXTENSIONS",
+    "DecodePolicy",
+    "array_to_image",
+    "decode_image",
+    "to_rgb",
+]
+
+#: PIL format names decoded by default: common photo/bitmap formats with mature, safe decoders.
+DEFAULT_FORMATS: tuple[str, ...] = (
+    "BMP", "GIF", "ICO", "JPEG", "MPO", "PNG", "PPM", "TIFF", "WEBP",
+)
+
+#: Lower-case file suffixes a folder scan picks up (the files of :data:`DEFAULT_FORMATS`).
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({
+    ".apng", ".bmp", ".gif", ".ico", ".jfif", ".jpe", ".jpeg", ".jpg", ".mpo",
+    ".pbm", ".pgm", ".png", ".pnm", ".ppm", ".tif", ".tiff", ".webp",
+})
+
+#: With ``reduce_on_load``, JPEGs are decoded at the smallest DCT scale (1/2, 1/4, 1/8) whose
+#: shorter side is still >= DRAFT_GAP x the target size. 2.0 is Pillow's own ``thumbnail``
+#: default: the final resize then sees enough pixels that the result stays close to a
+#: full-size decode, while large photos still decode several times faster.
+#: Changing it changes features, so it must go with a feature-format version bump.
+DRAFT_GAP = 2.0
+
+# Leading bytes of formats we know, so a file cut inside its header reads "truncated",
+# not "not an image".
+_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"II*\x00",
+          b"MM\x00*")
+
+# Modes whose pixels carry alpha, after which we composite on the background.
+_ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
+_INT_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
+# Values tolerated just outside [0, 1] in float arrays (rounding noise), then clipped.
+_FLOAT_SLACK = 1e-3
+
+
+@dataclass(frozen=True)
+class DecodePolicy:
+    """How files become RGB pixels; every field changes features, so all go into the store key.
+
+    Parameters
+    ----------
+    background : tuple of 3 ints, default (255, 255, 255)
+        Colour transparent pixels are composited over (alpha blend), white by default.
+    max_pixels : int, default 64_000_000
+        Images with more pixels (width x height, checked before any pixel data is decoded) are
+        refused as ``too large``: a guard against decompression bombs and out-of-memory workers.
+        Pillow's own hard limit (``2 * PIL.Image.MAX_IMAGE_PIXELS``) still applies above it.
+    exif_transpose : bool, default True
+        Apply the EXIF orientation tag, so phone photos come out upright.
+    formats : tuple of str
+        PIL format names allowed (upper case); a file of another format is refused as
+        ``unsupported format X``. Stored sorted, so equal sets give equal keys.
+    reduce_on_load : bool, default True
+        Let JPEGs decode at a reduced DCT scale when the caller passes ``target_size``
+        (see :data:`DRAFT_GAP`); the result is never smaller than the target.
+
+    Examples
+    --------
+    >>> DecodePolicy(max_pixels=10_000).to_dict()["max_pixels"]
+    10000
+    """
+
+    background: tuple[int, int, int] = (255, 255, 255)
+    max_pixels: int = 64_000_000
+    exif_transpose: bool = True
+    formats: tuple[str, ...] = DEFAULT_FORMATS
+    reduce_on_load: bool = True
+
+    def __post_init__(self) -> None:
+        bg = tuple(self.background)
+        if len(bg) != 3 or not all(_is_int(c) and 0 <= c <= 255 for c in bg):
+            raise ConfigError(f"DecodePolicy.background must be 3 ints in 0..255; "
+                              f"got {self.background!r}")
+        if not _is_int(self.max_pixels) or self.max_pixels < 1:
+            raise ConfigError(f"DecodePolicy.max_pixels must be a positive int; "
+                              f"got {self.max_pixels!r}")
+        if isinstance(self.formats, str) or not all(isinstance(f, str) for f in self.formats):
+            raise ConfigError(f"DecodePolicy.formats must be a sequence of PIL format names; "
+                              f"got {self.formats!r}")
+        # Frozen: normalise through object.__setattr__ so equal policies hash and key equally.
+        object.__setattr__(self, "background", tuple(int(c) for c in bg))
+        object.__setattr__(self, "max_pixels", int(self.max_pixels))
+        object.__setattr__(self, "formats", tuple(sorted({f.upper() for f in self.formats})))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-able form that goes into the feature-store entry key.
+
+        Returns
+        -------
+        dict
+            ``background`` (list), ``max_pixels``, ``exif_transpose``, ``formats`` (sorted list),
+            ``reduce_on_load``.
+        """
+        return {
+            "background": list(self.background),
+            "max_pixels": self.max_pixels,
+            "exif_transpose": bool(self.exif_transpose),
+            "formats": list(self.formats),
+            "reduce_on_load": bool(self.reduce_on_load),
+        }
+
+
+def decode_image(
+    path: str | os.PathLike[str],
+    policy: DecodePolicy | None = None,
+    target_size: int | Sequence[int] | None = None,
+) -> Image.Image:
+    """Open one image file as a fully loaded RGB image, or raise a :class:`DecodeError`.
+
+    Parameters
+    ----------
+    path : str or PathLike
+        The file to read. The file is closed when this returns.
+    policy : DecodePolicy, optional
+        Allowlist, size limit, EXIF and background; ``DecodePolicy()`` by default.
+    target_size : int or (int, int), optional
+        The shorter side the caller will resize to (a pair: its larger value). With
+        ``policy.reduce_on_load`` a JPEG is decoded at a reduced scale whose shorter side stays
+        >= ``DRAFT_GAP * target_size`` (never below ``target_size``). None decodes at full size.
+
+    Returns
+    -------
+    PIL.Image.Image
+        Mode ``"RGB"``, EXIF orientation applied, alpha composited on ``policy.background``,
+        first frame of animated images.
+
+    Raises
+    ------
+    DecodeError
+        ``.reason`` is one of the short reasons listed in this module's docstring.
+
+    Examples
+    --------
+    >>> import tempfile, os
+    >>> from PIL import Image
+    >>> p = os.path.join(tempfile.mkdtemp(), "x.png")
+    >>> Image.new("LA", (4, 2)).save(p)
+    >>> img = decode_image(p)
+    >>> img.mode, img.size
+    ('RGB', (4, 2))
+    """
+    policy = DecodePolicy() if policy is None else policy
+    path_str = os.fspath(path)
+    target = None if target_size is None else _shorter_side(target_size)
+    _check_file(path_str)
+    with _quiet_pil(), _decode_errors(path_str):
+        with Image.open(path_str) as img:
+            _check_header(path_str, img, policy)
+            if policy.reduce_on_load and target is not None:
+                _draft(img, target)
+            img.load()
+            if policy.exif_transpose:
+                _apply_exif(img)
+            try:
+                rgb = to_rgb(img, policy)
+            except ConfigError:
+                raise DecodeError(path_str, f"unsupported mode {img.mode}") from None
+            rgb.load()
+    return rgb
+
+
+def _check_file(path: str) -> None:
+    """Cheap checks before Pillow sees the file: it exists, is a regular file, is not empty."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise DecodeError(path, "missing") from None
+    except OSError as exc:
+        raise DecodeError(path, f"unreadable: {_detail(exc)}") from None
+    if not stat.S_ISREG(st.st_mode):  # a FIFO would block, a directory cannot be decoded
+        raise DecodeError(path, "not a file")
+    if st.st_size == 0:
+        raise DecodeError(path, "empty file")
+
+
+@contextlib.contextmanager
+def _quiet_pil() -> Iterator[None]:
+    """Silence Pillow's per-file warnings while one file is decoded.
+
+    ``DecompressionBombWarning`` is replaced by our own ``max_pixels`` check, and Pillow's
+    UserWarnings (corrupt EXIF, odd metadata) concern the file, not the program; under
+    ``filterwarnings = error`` they would otherwise turn a usable image into an exception.
+    Note: ``warnings.catch_warnings`` swaps a process-global filter list, so threads decoding
+    at the same moment may briefly share these filters; worker processes are unaffected.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL(\.|$)")
+        yield
+
+
+@contextlib.contextmanager
+def _decode_errors(path: str) -> Iterator[None]:
+    """Turn what Pillow raises into a DecodeError with a stable reason."""
+    try:
+        yield
+    except (DecodeError, ConfigError):
+        raise
+    except UnidentifiedImageError:
+        reason = "truncated" if _has_known_magic(path) else "not an image"
+        raise DecodeError(path, reason) from None
+    except Image.DecompressionBombError as exc:
+        raise DecodeError(path, _bomb_reason(str(exc))) from None
+    except FileNotFoundError:  # removed between our stat and Pillow's open
+        raise DecodeError(path, "missing") from None
+    except (OSError, SyntaxError, EOFError, ValueError, TypeError, IndexError, KeyError,
+            MemoryError) as exc:
+        # Pillow reports broken data with many exception types; a truncated stream says so.
+        text = str(exc).lower()
+        if isinstance(exc, EOFError) or "truncated" in text:
+            raise DecodeError(path, "truncated") from None
+        raise DecodeError(path, f"unreadable: {_detail(exc)}") from None
+
+
+def _check_header(path: str, img: Image.Image, policy: DecodePolicy) -> None:
+    """Refuse disallowed formats and oversized images before any pixel data is decoded."""
+    fmt = img.format or "unknown"
+    if fmt not in policy.formats:
+        raise DecodeError(path, f"unsupported format {fmt}")
+    width, height = img.size
+    if width * height > policy.max_pixels:
+        raise DecodeError(path, f"too large ({width} x {height} pixels > {policy.max_pixels})")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _shorter_side(target_size: int | Sequence[int]) -> int:
+    """The shorter side an image must keep for a resize to ``target_size``."""
+    if isinstance(target_size, (int, np.integer)) and not isinstance(target_size, bool):
+        size = int(target_size)
+    elif isinstance(target_size, Sequence) and not isinstance(target_size, str) and target_size:
+        size = max(int(s) for s in target_size)
+    else:
+        raise ConfigError(f"target_size must be an int or a pair of ints; got {target_size!r}")
+    if size < 1:
+        raise ConfigError(f"target_size must be positive; got {target_size!r}")
+    return size
+
+
+def _draft(img: Image.Image, target: int) -> None:
+    """Let the JPEG decoder downscale by 2/4/8 while the shorter side stays >= DRAFT_GAP x target.
+
+    Pillow's JPEG ``draft`` picks the largest scale ``s`` with ``s <= min(W // g, H // g)`` for a
+    requested ``(g, g)``, so ``ceil(min(W, H) / s) >= g``: the image never ends below ``g``.
+    Other formats ignore ``draft``.
+    """
+    need = int(np.ceil(DRAFT_GAP * target))
+    if img.format in ("JPEG", "MPO") and min(img.size) >= 2 * need:
+        img.draft("RGB", (need, need))
+
+
+def _apply_exif(img: Image.Image) -> None:
+    """Rotate/flip per the EXIF orientation tag, in place.
+
+    A corrupt EXIF block leaves the image as stored rather than losing a readable image.
+    """
+    with contextlib.suppress(OSError, SyntaxError, ValueError, TypeError, KeyError, IndexError):
+        ImageOps.exif_transpose(img, in_place=True)
+
+
+def to_rgb(img: Image.Image, policy: DecodePolicy | None = None) -> Image.Image:
+    """Convert any Pillow mode to RGB the same way for every source.
+
+    Alpha (RGBA, LA, PA, P or L/RGB with a ``transparency`` key) is alpha-blended over
+    ``policy.background``. 16-bit and 32-bit integer modes (``I;16*``, ``I``) are scaled by
+    the 16-bit range, 0..65535 -> 0..255 (values outside it are clipped), instead of Pillow's
+    default conversion, which clips everything above 255 to white. ``F`` (float) images are
+    taken to be in [0, 1], clipped and scaled. CMYK, YCbCr, 1 and L use Pillow's conversion.
+
+    Parameters
+    ----------
+    img : PIL.Image.Image
+        A loaded image, any mode.
+    policy : DecodePolicy, optional
+        Supplies ``background``; ``DecodePolicy()`` by default.
+
+    Returns
+    -------
+    PIL.Image.Image
+        Mode ``"RGB"``: ``img`` itself when it already is RGB, otherwise a new image.
+
+    Raises
+    ------
+    ConfigError
+        For a mode Pillow cannot convert to RGB.
+    """
+    background = (DecodePolicy() if policy is None else policy).background
+    mode = img.mode
+    if mode == "RGB" and "transparency" not in img.info:
+        return img
+    if mode in _ALPHA_MODES or ("transparency" in img.info and mode in ("P", "L", "RGB")):
+        return _composite(img.convert("RGBA"), background)
+    if mode in _INT_MODES:
+        return _gray_array_to_rgb(_scale_to_uint8(np.asarray(img), 0.0, 65535.0))
+    if mode == "F":
+        values = np.nan_to_num(np.asarray(img, dtype=np.float32), nan=0.0)
+        return _gray_array_to_rgb(_scale_to_uint8(values, 0.0, 1.0))
+    try:
+        return img.convert("RGB")
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"cannot convert image mode {mode} to RGB: {exc}") from None
+
+
+def _composite(rgba: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    """Alpha-blend an RGBA image over a solid background colour."""
+    base = Image.new("RGB", rgba.size, background)
+    base.paste(rgba.convert("RGB"), mask=rgba.getchannel("A"))
+    return base
+
+
+def _scale_to_uint8(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Map [lo, hi] linearly onto 0..255 with rounding, clipping what lies outside."""
+    x = np.clip(values.astype(np.float32), lo, hi)
+    return np.rint((x - lo) * np.float32(255.0 / (hi - lo))).astype(np.uint8)
+
+
+def _gray_array_to_rgb(gray: np.ndarray) -> Image.Image:
+    return Image.fromarray(np.ascontiguousarray(gray), mode="L").convert("RGB")
+
+
+def array_to_image(arr: Any, policy: DecodePolicy | None = None) -> Image.Image:
+    """Turn one image array into an RGB image with the same rules as files.
+
+    Parameters
+    ----------
+    arr : array_like
+        Shape ``(H, W)``, ``(H, W, 1)``, ``(H, W, 3)`` or ``(H, W, 4)`` (the last is RGBA,
+        composited on ``policy.background``). dtype: ``uint8`` as is; ``bool`` (True -> 255);
+        ``uint16``, ``uint32``, ``int8``, ``int16`` scaled from their full range to 0..255;
+        floats must lie in [0, 1] (tiny rounding overshoot is clipped).
+        ``int32``/``int64``/``uint64`` are refused: ``int64`` is numpy's default integer type, so
+        its range says nothing about the pixel range; cast to ``uint8``/``uint16`` first.
+    policy : DecodePolicy, optional
+        Supplies the background for RGBA arrays.
+
+    Returns
+    -------
+    PIL.Image.Image
+        Mode ``"RGB"``.
+
+    Raises
+    ------
+    ConfigError
+        For other shapes or dtypes, or floats outside [0, 1]; the message names shape and dtype.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> array_to_image(np.full((2, 3), 65535, dtype=np.uint16)).getpixel((0, 0))
+    (255, 255, 255)
+    """
+    a = np.asarray(arr)
+    check_image_array(a, batched=False)
+    u8 = pixels_to_uint8(a)
+    if u8.ndim == 3 and u8.shape[2] == 1:
+        u8 = u8[:, :, 0]
+    if u8.ndim == 2:
+        return _gray_array_to_rgb(u8)
+    if u8.shape[2] == 3:
+        return Image.fromarray(np.ascontiguousarray(u8), mode="RGB")
+    background = (DecodePolicy() if policy is None else policy).background
+    return _composite(Image.fromarray(np.ascontiguousarray(u8), mode="RGBA"), background)
+
+
+def check_image_array(a: np.ndarray, *, batched: bool) -> None:
+    """Raise ConfigError unless ``a`` has an image shape (``batched``: a leading N axis) and dtype.
+
+    Shared with :mod:`featurepipe.sources`, which checks a whole ``(N, ...)`` array once up front.
+    """
+    shape = a.shape[1:] if batched else a.shape
+    expected = ("(N, H, W) or (N, H, W, C) with C in 1, 3, 4" if batched
+                else "(H, W) or (H, W, C) with C in 1, 3, 4")
+    ok_shape = (len(shape) == 2 or (len(shape) == 3 and shape[2] in (1, 3, 4))) \
+        and all(s > 0 for s in shape)
+    if not ok_shape:
+        hint = ""
+        if a.ndim == (4 if batched else 3) and a.shape[-3] in (1, 3, 4):
+            hint = " (channels first? move them last with np.moveaxis(arr, -3, -1))"
+        raise ConfigError(f"image array must be {expected}; got shape {a.shape} "
+                          f"dtype {a.dtype}{hint}")
+    _integer_range(a.dtype, a.shape)  # raises for unsupported dtypes
+    if a.dtype.kind == "f" and a.size:
+        _check_float_range(a)
+
+
+def pixels_to_uint8(a: np.ndarray) -> np.ndarray:
+    """Convert pixel values to uint8 by the dtype's rule (see :func:`array_to_image`)."""
+    if a.dtype == np.uint8:
+        return a
+    if a.dtype == np.bool_:
+        return a.astype(np.uint8) * np.uint8(255)
+    if a.dtype.kind == "f":
+        return _scale_to_uint8(np.nan_to_num(a, nan=0.0), 0.0, 1.0)
+    lo, hi = _integer_range(a.dtype, a.shape)
+    return _scale_to_uint8(a, lo, hi)
+
+
+def _integer_range(dtype: np.dtype, shape: tuple[int, ...]) -> tuple[float, float]:
+    """The value range an integer dtype is scaled from; ConfigError for dtypes we refuse."""
+    if dtype == np.bool_ or dtype == np.uint8 or dtype.kind == "f":
+        return 0.0, 255.0
+    if dtype in (np.uint16, np.uint32, np.int8, np.int16):
+        info = np.iinfo(dtype)
+        return float(info.min), float(info.max)
+    hint = " (cast to uint8 for 0..255 data, uint16 for 0..65535, or float in [0, 1])" \
+        if dtype.kind in "iu" else ""
+    raise ConfigError(f"unsupported image array dtype {dtype} (shape {shape}); expected uint8, "
+                      f"uint16, uint32, int8, int16, bool or float in [0, 1]{hint}")
+
+
+def _check_float_range(a: np.ndarray) -> None:
+    lo, hi = float(np.min(a)), float(np.max(a))
+    if np.isnan(lo) or np.isnan(hi) or lo < -_FLOAT_SLACK or hi > 1.0 + _FLOAT_SLACK:
+        hint = " (divide 0..255 data by 255)" if hi > 1.0 + _FLOAT_SLACK else ""
+        raise ConfigError(f"float image values must lie in [0, 1]; got {lo:g}..{hi:g} "
+                          f"(shape {a.shape}, dtype {a.dtype}){hint}")
+
+
+def _has_known_magic(path: str) -> bool:
+    """True if the file starts like an image format we know (so a failed open means truncation)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(16)
+    except OSError:
+        return False
+    return head.startswith(_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
+
+
+def _bomb_reason(message: str) -> str:
+    """``too large (...)`` from Pillow's DecompressionBombError message."""
+    numbers = re.findall(r"\d+", message)
+    if len(numbers) >= 2:
+        return f"too large ({numbers[0]} pixels > {numbers[1]})"
+    return "too large"
+
+
+def _detail(exc: BaseException) -> str:
+    """A short one-line description of an exception for ``unreadable: ...`` reasons."""
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else ""
+    if isinstance(exc, PermissionError):
+        first = "permission denied"
+    detail = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    return detail[:120]
