@@ -1,0 +1,118 @@
+"""``Backbone`` and ``load_backbone``: a network, its feature extractor and its preprocessing."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from featurepipe.backbones._build import build
+from featurepipe.backbones._extract import default_extractor, layer_extractor
+from featurepipe.backbones._spec import BackboneSpec, PreprocessSpec, resolve_spec
+from featurepipe.exceptions import BackboneError
+
+
+@dataclass(frozen=True, eq=False)
+class Backbone:
+    """A loaded backbone: everything the embedding engines and the fine-tuner need.
+
+    Attributes
+    ----------
+    spec : BackboneSpec
+        The canonical request this was built from.
+    model : nn.Module
+        The full classifier network (eval mode, CPU); fine-tuning trains this.
+    extractor : nn.Module
+        ``(B, 3, H, W) -> (B, feature_dim)``; shares ``model``'s parameters.
+    preprocess : PreprocessSpec
+        Evaluation preprocessing of the weights (with the ``image_size`` override applied).
+    feature_dim : int
+        Width of the extractor output.
+    weights_sha256 : str
+        sha256 of the weights file, ``"random:seed0"``, or a hub identifier when no file is
+        known (e.g. ``"torchvision:ResNet50_Weights.IMAGENET1K_V2"``).
+    family : str
+        ``"timm"`` or ``"torchvision"``: which layouts ``reset_classifier`` and layers follow.
+    class_names : tuple of str or None
+        Output classes of a fine-tuned export; None for hub/offline backbones.
+    """
+
+    spec: BackboneSpec
+    model: nn.Module = field(repr=False)
+    extractor: nn.Module = field(repr=False)
+    preprocess: PreprocessSpec
+    feature_dim: int
+    weights_sha256: str
+    family: str
+    class_names: tuple[str, ...] | None = None
+
+
+def _probe_dim(extractor: nn.Module, preprocess: PreprocessSpec, spec: BackboneSpec) -> int:
+    """Feature width from one dummy forward; also proves the network accepts the input size."""
+    height, width = preprocess.input_size
+    try:
+        with torch.no_grad():
+            out = extractor(torch.zeros(1, 3, height, width))
+    except BackboneError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - shape errors come as RuntimeError/AssertionError...
+        raise BackboneError(
+            f"{spec.name} fails on a {height}x{width} input ({type(exc).__name__}: {exc}); "
+            "try another image_size or layer"
+        ) from exc
+    if out.ndim != 2 or out.shape[0] != 1:
+        raise BackboneError(f"extractor output has shape {tuple(out.shape)}, expected (1, D)")
+    return int(out.shape[1])
+
+
+def load_backbone(spec: BackboneSpec | str | os.PathLike[str]) -> Backbone:
+    """Build a backbone: network, weights, extractor, preprocessing (the expensive step).
+
+    Call once per process or Ray actor. ``weights="random"`` is seeded (the same network
+    every call) without disturbing the caller's RNG. Nothing is downloaded unless the spec
+    asks for hub weights (``torchvision:``/``timm:`` with ``weights=None`` or an identifier).
+
+    Parameters
+    ----------
+    spec : BackboneSpec, str or path-like
+        A spec, or a name (see :func:`resolve_spec`) loaded with its default weights.
+
+    Returns
+    -------
+    Backbone
+
+    Raises
+    ------
+    BackboneError
+        Unknown name or layer, weights that do not fit, or weights that need a download
+        which failed (the message suggests ``--weights FILE`` or the offline default).
+
+    Examples
+    --------
+    >>> bb = load_backbone("efficientnet_lite0")
+    >>> bb.feature_dim, bb.preprocess.input_size
+    (1280, (224, 224))
+    """
+    spec = resolve_spec(spec)
+    built = build(spec)
+    model = built.model
+    if spec.layer is None:
+        extractor = default_extractor(model, built.family)
+    else:
+        extractor = layer_extractor(model, spec.layer, built.family)
+    extractor.eval()
+    preprocess = built.preprocess
+    if spec.image_size is not None:
+        preprocess = preprocess.with_image_size(spec.image_size)
+    return Backbone(
+        spec=spec,
+        model=model,
+        extractor=extractor,
+        preprocess=preprocess,
+        feature_dim=_probe_dim(extractor, preprocess, spec),
+        weights_sha256=built.weights_sha256,
+        family=built.family,
+        class_names=built.class_names,
+    )
