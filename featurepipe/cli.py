@@ -59,7 +59,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
         image_size=args.image_size, batch_size=args.batch_size, workers=args.workers,
         device=args.device, precision=args.precision, dtype=args.dtype,
         on_error=args.on_error, content_hash=args.content_hash, progress=not args.quiet,
-        lock_timeout=args.lock_timeout, log=_say,
+        shard_size=args.shard_size, lock_timeout=args.lock_timeout, log=_say,
+        other_entries="replace" if args.replace else "keep" if args.add_entry else "error",
     )
     if args.json:
         _print_json(report.to_dict())
@@ -147,8 +148,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"])
     p.add_argument("--content-hash", action="store_true",
                    help="fingerprint files by sha256 of their bytes instead of size+mtime")
+    p.add_argument("--shard-size", type=int, default=None,
+                   help="rows per resumable shard (default: about 1024)")
     p.add_argument("--lock-timeout", type=float, default=3600.0,
                    help="seconds to wait for another writer of the same store (0 = fail at once)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--replace", action="store_true",
+                       help="drop features made with another spec from the store")
+    group.add_argument("--add-entry", action="store_true",
+                       help="keep features made with another spec beside the new ones")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_embed)

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from featurepipe.backbones import Backbone, BackboneSpec, load_backbone, resolve_spec
 from featurepipe.decode import DecodePolicy
-from featurepipe.exceptions import ConfigError, DecodeError
+from featurepipe.exceptions import ConfigError, DecodeError, SpecMismatchError
 from featurepipe.sources import ImageSource, open_source
 from featurepipe.store import FEATURE_FORMAT_VERSION, FeatureStore, entry_key
 
@@ -129,9 +129,9 @@ def default_workers(device: torch.device) -> int:
 
 def key_parts(backbone: Backbone, policy: DecodePolicy, precision: str, dtype: str) -> dict:
     """Everything that changes a feature value; hashed into the store's entry key."""
-    spec = backbone.spec.to_dict()
     return {
-        "backbone": spec,
+        "backbone": backbone.spec.name,
+        "spec": backbone.spec.to_dict(),
         "weights_sha256": backbone.weights_sha256,
         "layer": backbone.spec.layer,
         "preprocess": backbone.preprocess.to_dict(),
@@ -168,12 +168,32 @@ def store_attrs(parts: dict, backbone: Backbone, device: torch.device) -> dict:
     """Readable attributes for the store entry: the key's parts plus provenance."""
     return {
         **parts,
-        "spec": backbone.spec.to_dict(),
-        "backbone_name": backbone.spec.name,
         "dim": backbone.feature_dim,
         "device": str(device),
         "versions": library_versions(),
     }
+
+
+def refuse_other_specs(fs: FeatureStore, key: str, parts: dict) -> None:
+    """Stop when the store was built with another spec, naming what differs."""
+    if not fs.exists():
+        return
+    for other in fs.keys():
+        if other == key:
+            continue
+        theirs = fs.attrs(other)
+        differs = [name for name, value in parts.items()
+                   if _canonical(theirs.get(name)) != _canonical(value)]
+        raise SpecMismatchError(
+            f"{fs.path} holds features made with another spec (backbone "
+            f"{theirs.get('backbone', '?')}; differs in: {', '.join(differs) or 'key'}); "
+            "use --replace to recompute, --add-entry to keep both, or another --out")
+
+
+def _canonical(value: Any) -> str:
+    import json
+
+    return json.dumps(value, sort_keys=True, default=str)
 
 
 # --------------------------------------------------------------------------- data loading
@@ -302,6 +322,7 @@ def embed(
     drop_missing: bool = True,
     shard_size: int | None = None,
     lock_timeout: float = 3600.0,
+    other_entries: str = "keep",
     progress: bool = True,
     loaded_backbone: Backbone | None = None,
     log: Callable[[str], None] | None = None,
@@ -326,6 +347,10 @@ def embed(
         with a :class:`~featurepipe.exceptions.DecodeError` naming the file.
     drop_missing : bool
         Drop rows of files no longer in the source (True for folders that changed).
+    other_entries : {"keep", "error", "replace"}
+        What to do when the store already holds features made with another spec: keep them beside
+        the new entry, stop with a :class:`~featurepipe.exceptions.SpecMismatchError` that says what
+        differs (the CLI's default), or drop them.
 
     Returns
     -------
@@ -353,6 +378,10 @@ def embed(
     parts = key_parts(bb, policy, prec, dtype)
     key = entry_key(parts)
     fs = store if isinstance(store, FeatureStore) else FeatureStore(store)
+    if other_entries not in ("keep", "error", "replace"):
+        raise ConfigError(f"other_entries must be keep, error or replace; got {other_entries!r}")
+    if other_entries == "error":
+        refuse_other_specs(fs, key, parts)
 
     ids = [s.id for s in src.samples]
     fps = [src.fingerprint(i, content_hash=content_hash) for i in range(len(src))]
@@ -372,7 +401,8 @@ def embed(
                         default_workers(dev) if workers is None else workers,
                         on_error, ids, fps, dtype, progress)
         order = [(ids[i], fps[i], int(src.samples[i].label)) for i in range(len(src))]
-        result = writer.commit(order, src.class_names, drop_missing=drop_missing)
+        result = writer.commit(order, src.class_names, drop_missing=drop_missing,
+                               drop_other_entries=other_entries == "replace")
     info = fs.info(key)
     seconds = time.perf_counter() - t0
     return EmbedReport(

