@@ -6,8 +6,11 @@ into tmp_path, and every network except the real offline default is a tiny rando
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import subprocess
+import sys
 import urllib.error
 from pathlib import Path
 
@@ -23,6 +26,7 @@ from featurepipe.backbones import (
     EXPORT_WEIGHTS_NAME,
     BackboneSpec,
     PreprocessSpec,
+    describe_backbone,
     export_finetuned,
     layer_names,
     list_backbones,
@@ -343,11 +347,12 @@ def test_directory_without_export_config_is_refused(tmp_path):
         ("timm:test_efficientnet", None),
     ],
 )
-def test_hub_weights_offline_raise_with_hint(offline, name, weights):
+@pytest.mark.parametrize("loader", [load_backbone, describe_backbone])
+def test_hub_weights_offline_raise_with_hint(offline, name, weights, loader):
     with pytest.raises(
         BackboneError, match=r"needs a download.*--weights FILE.*efficientnet_lite0"
     ):
-        load_backbone(resolve_spec(name, weights=weights))
+        loader(resolve_spec(name, weights=weights))
 
 
 def test_cached_torchvision_hub_weights_load_offline_with_file_sha(offline):
@@ -358,6 +363,8 @@ def test_cached_torchvision_hub_weights_load_offline_with_file_sha(offline):
     torch.save(random.model.state_dict(), cached)
     hub = load_backbone("torchvision:resnet18")  # the download function would raise
     assert hub.weights_sha256 == _sha256(cached)
+    described = _describe_without_building("torchvision:resnet18")
+    assert (described.weights_sha256, described.preprocess) == (hub.weights_sha256, hub.preprocess)
     assert hub.preprocess.resize_size == member.transforms().resize_size[0]
     x = _batch(hub, n=1)
     with torch.no_grad():
@@ -380,11 +387,185 @@ def test_cached_timm_hub_weights_load_offline_with_file_sha(offline, monkeypatch
     monkeypatch.setattr(timm_hub, "hf_hub_download", lambda *a, **k: str(weights))
     hub = load_backbone("timm:test_efficientnet")
     assert hub.weights_sha256 == _sha256(weights)
+    described = _describe_without_building("timm:test_efficientnet")
+    assert (described.weights_sha256, described.preprocess) == (hub.weights_sha256, hub.preprocess)
     x = _batch(hub)
     with torch.no_grad():
         assert torch.equal(hub.extractor(x), random.extractor(x))
     rows = {row["name"]: row for row in list_backbones()}
     assert rows["timm:test_efficientnet.r160_in1k"]["offline"] is True
+
+
+# ------------------------------------------------------------------ describe without building
+
+
+def _refuse_to_build(*args, **kwargs):
+    raise AssertionError("describe_backbone must not build a network")
+
+
+def _describe_without_building(spec):
+    """describe_backbone with timm's and torchvision's model constructors made to raise."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(timm, "create_model", _refuse_to_build)
+        patch.setattr(tv_models, "get_model", _refuse_to_build)
+        return describe_backbone(spec)
+
+
+def _output_width(backbone) -> int:
+    with torch.no_grad():
+        return backbone.extractor(_batch(backbone, n=1)).shape[1]
+
+
+def _assert_describes(backbone, spec=None):
+    described = _describe_without_building(spec if spec is not None else backbone.spec)
+    assert described.spec == backbone.spec and described.family == backbone.family
+    assert described.weights_sha256 == backbone.weights_sha256
+    assert described.preprocess == backbone.preprocess
+    if described.feature_dim is not None:
+        assert described.feature_dim == backbone.feature_dim
+    assert backbone.feature_dim == _output_width(backbone)
+    return described
+
+
+def test_describe_lite0_equals_load(lite0):
+    described = _assert_describes(lite0, "efficientnet_lite0")
+    assert described.feature_dim == 1280
+    assert len(described.weights_sha256) == 64
+    resized = resolve_spec("efficientnet_lite0", image_size=96)
+    assert _describe_without_building(resized).preprocess == lite0.preprocess.with_image_size(96)
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [
+        ("timm:test_efficientnet", {}),
+        ("timm:test_efficientnet", {"image_size": 64}),
+        ("timm:test_vit", {"image_size": 64}),  # fixed-size: built with img_size=64
+        ("torchvision:resnet18", {}),
+        ("torchvision:resnet18", {"image_size": 96}),
+        ("timm:test_efficientnet", {"layer": "blocks.2"}),
+        ("torchvision:resnet18", {"layer": "layer3"}),
+    ],
+)
+def test_describe_equals_load_without_building(name, kwargs):
+    backbone = _random(name, **kwargs)
+    described = _assert_describes(backbone)
+    assert described.weights_sha256 == "random:seed0"
+    if "image_size" in kwargs:
+        assert described.preprocess.input_size == (kwargs["image_size"],) * 2
+
+
+def test_describe_local_weights_file(tmp_path):
+    backbone = _random("torchvision:resnet18")
+    path = tmp_path / "resnet18.pth"
+    torch.save(backbone.model.state_dict(), path)
+    spec = resolve_spec("torchvision:resnet18", weights=path)
+    described = _assert_describes(load_backbone(spec))
+    assert described.weights_sha256 == _sha256(path)
+
+
+def test_describe_export_folder(lite0, tmp_path):
+    model = reset_classifier(copy.deepcopy(lite0.model), 2, "timm")
+    out = export_finetuned(model, lite0.spec, ["a", "b"], lite0.preprocess, tmp_path / "ft")
+    loaded = load_backbone(out)
+    described = _assert_describes(loaded)
+    assert described.weights_sha256 == _sha256(out / EXPORT_WEIGHTS_NAME)
+    assert described.feature_dim == 1280  # the base's penultimate width
+    random_spec = resolve_spec(out, weights="random", image_size=64)
+    described = _describe_without_building(random_spec)
+    assert described.weights_sha256 == "random:seed0"
+    assert described.preprocess == lite0.preprocess.with_image_size(64)
+
+
+def test_frozen_lite_preprocessing_equals_timm_registry():
+    from torchvision.transforms import InterpolationMode
+
+    from featurepipe.backbones._build import timm_preprocess, timm_pretrained_cfg
+    from featurepipe.backbones._describe import LITE_FEATURE_DIM
+    from featurepipe.backbones._spec import _INTERPOLATIONS, LITE_MODELS, LITE_PREPROCESS
+
+    for name, (*_rest, arch) in LITE_MODELS.items():
+        assert LITE_PREPROCESS[name] == timm_preprocess(timm_pretrained_cfg(arch)), name
+        with torch.device("meta"):  # shapes only, no weights initialised
+            assert timm.create_model(arch).num_features == LITE_FEATURE_DIM, name
+    assert _INTERPOLATIONS == {mode.value for mode in InterpolationMode}
+
+
+def test_describing_the_offline_default_imports_neither_timm_nor_torchvision():
+    """A cached rerun in a fresh process must not pay for those imports (1-3 s each)."""
+    code = (
+        "import sys; from featurepipe.backbones import describe_backbone; "
+        "d = describe_backbone('efficientnet_lite0'); "
+        "print(d.feature_dim, sorted({'timm', 'torchvision'} & set(sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["1280", "[]"]
+
+
+def test_load_runs_no_dummy_forward_for_the_default_layer(monkeypatch):
+    from featurepipe.backbones._extract import Pooled, TimmPreLogits
+
+    calls = []
+
+    def counted(forward):
+        def wrapper(self, x):
+            calls.append(type(self).__name__)
+            return forward(self, x)
+
+        return wrapper
+
+    monkeypatch.setattr(TimmPreLogits, "forward", counted(TimmPreLogits.forward))
+    monkeypatch.setattr(Pooled, "forward", counted(Pooled.forward))
+    tiny = _random("timm:test_efficientnet")
+    mobile = _random("torchvision:mobilenet_v3_small")
+    assert calls == []
+    assert (tiny.feature_dim, mobile.feature_dim) == (tiny.model.num_features, 1024)
+    assert (_output_width(tiny), _output_width(mobile)) == (tiny.feature_dim, 1024)
+    calls.clear()
+    # Named layers and image_size overrides still probe (the latter proves the size works).
+    _random("timm:test_efficientnet", layer="blocks.2")
+    _random("torchvision:resnet18", image_size=64)
+    assert calls == ["Pooled", "Pooled"]
+
+
+def test_network_built_for_another_fixed_size_is_still_probed(monkeypatch):
+    """A random torchvision ViT built for one size, preprocessing for another: fail at load."""
+    from featurepipe.backbones import _load
+    from featurepipe.backbones._build import Built
+
+    tiny = tv_models.VisionTransformer(32, 16, 1, 2, 16, 32, num_classes=10).eval()
+    monkeypatch.setattr(_load, "build", lambda spec: Built(tiny, "torchvision"))
+    with pytest.raises(BackboneError, match="fails on a 224x224 input"):
+        load_backbone(resolve_spec("torchvision:vit_b_16", weights="random"))
+
+
+def test_describe_fetches_uncached_timm_weights_as_load_does(offline, monkeypatch):
+    """Not cached: describe fetches through timm (once); load then finds the same file."""
+    import timm.models._hub as timm_hub
+    from safetensors.torch import save_file
+
+    state = dict(_random("timm:test_efficientnet").model.state_dict())
+    repo = offline / "hf" / "models--timm--test_efficientnet.r160_in1k"
+    downloads = []
+
+    def download(repo_id, filename, **kwargs):
+        target = repo / "snapshots" / "c0" / filename
+        if not target.is_file():
+            downloads.append(filename)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            (repo / "refs").mkdir(exist_ok=True)
+            (repo / "refs" / "main").write_text("c0")
+            save_file(state, str(target))
+        return str(target)
+
+    monkeypatch.setattr(timm_hub, "hf_hub_download", download)
+    described = describe_backbone("timm:test_efficientnet")
+    assert downloads == ["model.safetensors"]
+    assert described.weights_sha256 == _sha256(repo / "snapshots" / "c0" / "model.safetensors")
+    assert _describe_without_building("timm:test_efficientnet") == described  # cached now
+    hub = load_backbone("timm:test_efficientnet")
+    assert (hub.weights_sha256, hub.preprocess) == (described.weights_sha256, described.preprocess)
+    assert downloads == ["model.safetensors"]
 
 
 # ------------------------------------------------------------------ classifier heads and exports

@@ -1,8 +1,10 @@
 """Building networks with their weights: offline EfficientNet-Lite, torchvision, timm, exports.
 
-Each builder returns the full classifier (CPU), its family, the preprocessing of its weights and
-the weights identity (sha256 of the file where there is one). Nothing is downloaded unless the
-spec asks for hub weights (``weights=None`` or a named identifier on ``torchvision:``/``timm:``).
+Each builder returns the full classifier (CPU), its family and, for exports, its class names.
+The weights identity and the preprocessing are not computed here: they come from
+``_describe.describe`` (which needs no network), so a loaded backbone and a description of the
+same spec cannot disagree. Nothing is downloaded unless the spec asks for hub weights
+(``weights=None`` or a named identifier on ``torchvision:``/``timm:``).
 """
 
 from __future__ import annotations
@@ -47,12 +49,10 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 @dataclass
 class Built:
-    """A network with everything known about its weights, before extractor selection."""
+    """A network with its weights loaded, before extractor selection."""
 
     model: nn.Module
     family: str
-    preprocess: PreprocessSpec
-    weights_sha256: str
     class_names: tuple[str, ...] | None = None
 
 
@@ -160,11 +160,28 @@ def _download_hint(what: str, exc: BaseException) -> BackboneError:
 # --------------------------------------------------------------------------- preprocessing
 
 
-def timm_preprocess(model: nn.Module) -> PreprocessSpec:
-    """Preprocessing from timm's resolved data config (resize = floor(size / crop_pct))."""
-    from timm.data import resolve_model_data_config
+def timm_pretrained_cfg(name: str) -> dict[str, Any]:
+    """The pretrained cfg ``timm.create_model(name)`` attaches to its model, without building it.
 
-    cfg = resolve_model_data_config(model)
+    ``name`` is ``arch`` or ``arch.tag``; this is the same resolution ``create_model`` does
+    (``split_model_name_tag`` + ``resolve_pretrained_cfg``) before it instantiates anything.
+    """
+    from timm.models import split_model_name_tag
+    from timm.models._builder import resolve_pretrained_cfg
+
+    arch, tag = split_model_name_tag(name)
+    return resolve_pretrained_cfg(arch, pretrained_cfg=tag or None).to_dict()
+
+
+def timm_preprocess(pretrained_cfg: Mapping[str, Any]) -> PreprocessSpec:
+    """Preprocessing from timm's resolved data config (resize = floor(size / crop_pct)).
+
+    ``resolve_data_config(pretrained_cfg=cfg)`` is what ``resolve_model_data_config(model)``
+    computes from ``model.pretrained_cfg``; passing the cfg directly needs no model.
+    """
+    from timm.data import resolve_data_config
+
+    cfg = resolve_data_config(pretrained_cfg=dict(pretrained_cfg))
     height, width = (int(s) for s in cfg["input_size"][-2:])
     crop_pct = float(cfg.get("crop_pct") or 1.0)
     resize = math.floor(max(height, width) / crop_pct + 1e-6)
@@ -191,7 +208,8 @@ def torchvision_preprocess(weights: Any) -> PreprocessSpec:
 # --------------------------------------------------------------------------- builders
 
 
-def _lite_weights_path(name: str) -> str:
+def lite_weights_path(name: str) -> str:
+    """The bundled weights file of an offline EfficientNet-Lite name."""
     package, module, file_class, _arch = LITE_MODELS[name]
     try:
         holder = getattr(importlib.import_module(module), file_class)
@@ -205,29 +223,31 @@ def _build_lite(spec: BackboneSpec) -> Built:
 
     arch = LITE_MODELS[spec.name][3]
     model = timm.create_model(arch, pretrained=False)
-    if spec.weights == RANDOM:
-        sha = RANDOM_SHA
-    else:
-        path = spec.weights or _lite_weights_path(spec.name)
+    if spec.weights != RANDOM:
+        path = spec.weights or lite_weights_path(spec.name)
         state = map_in_order(read_state_dict(path), model.state_dict(), path)
         load_weights(model, state, path)
-        sha = file_sha256(path)
-    return Built(model, "timm", timm_preprocess(model), sha)
+    return Built(model, "timm")
 
 
-def _load_local(model: nn.Module, weights: str | None) -> str:
-    """Load a local weights file into ``model`` (None/"random": keep the seeded init)."""
+def local_weights_sha(weights: str | None) -> str:
+    """Identity of ``random`` / a local weights file (None counts as random for builders)."""
     if weights is None or weights == RANDOM:
         return RANDOM_SHA
-    load_weights(model, read_state_dict(weights), weights)
     return file_sha256(weights)
+
+
+def _load_local(model: nn.Module, weights: str | None) -> None:
+    """Load a local weights file into ``model`` (None/"random": keep the seeded init)."""
+    if weights is not None and weights != RANDOM:
+        load_weights(model, read_state_dict(weights), weights)
 
 
 def _torchvision_cache_file(url: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
 
 
-def _ensure_torchvision_file(weights: Any, what: str) -> Path:
+def ensure_torchvision_file(weights: Any, what: str) -> Path:
     """Download ``weights`` into the torch hub cache unless it is there already."""
     path = _torchvision_cache_file(weights.url)
     if path.is_file():
@@ -247,23 +267,21 @@ def _build_torchvision(spec: BackboneSpec) -> Built:
     from torchvision import models
 
     name = spec.name.partition(":")[2]
-    enum = models.get_model_weights(name)
-    default = enum.__members__.get("DEFAULT")
     if spec.weights == RANDOM or is_weights_file(spec.weights):
         model = models.get_model(name, weights=None)
-        sha = _load_local(model, spec.weights)
-        return Built(model, "torchvision", torchvision_preprocess(default), sha)
-    member = enum[spec.weights or "DEFAULT"]
+        _load_local(model, spec.weights)
+        return Built(model, "torchvision")
+    member = models.get_model_weights(name)[spec.weights or "DEFAULT"]
     ident = f"torchvision:{member}"
-    path = _ensure_torchvision_file(member, ident)
+    path = ensure_torchvision_file(member, ident)
     try:  # reads the cached file; the builder adapts the architecture to the weights' meta
         model = models.get_model(name, weights=member, progress=False)
     except Exception as exc:  # noqa: BLE001 - a corrupt cache file surfaces as many types
         raise BackboneError(f"cannot load {ident} from {path}: {exc}") from exc
-    return Built(model, "torchvision", torchvision_preprocess(member), file_sha256(path))
+    return Built(model, "torchvision")
 
 
-def _timm_cached_file(cfg: Mapping[str, Any]) -> str | None:
+def timm_cached_file(cfg: Mapping[str, Any]) -> str | None:
     """Where timm's downloaded weights for ``cfg`` sit, if they are cached."""
     hf_id = str(cfg.get("hf_hub_id") or "").split("@")[0]
     if hf_id:
@@ -279,34 +297,32 @@ def _timm_cached_file(cfg: Mapping[str, Any]) -> str | None:
     return None
 
 
-def _build_timm(spec: BackboneSpec) -> Built:
-    import timm
-    from timm.models import get_pretrained_cfg
-
-    name = spec.name.partition(":")[2]
-    pretrained_cfg = get_pretrained_cfg(name)
-    kwargs: dict[str, Any] = {}
-    if spec.image_size is not None and getattr(pretrained_cfg, "fixed_input_size", False):
-        kwargs["img_size"] = spec.image_size  # e.g. ViT position embeddings
-    if spec.weights == RANDOM or is_weights_file(spec.weights):
-        model = timm.create_model(name, pretrained=False, **kwargs)
-        return Built(model, "timm", timm_preprocess(model), _load_local(model, spec.weights))
-    has_source = pretrained_cfg is not None and (
-        pretrained_cfg.hf_hub_id or pretrained_cfg.url or pretrained_cfg.file
-    )
-    if not has_source:
+def check_timm_source(spec: BackboneSpec, cfg: Mapping[str, Any]) -> None:
+    """Refuse hub weights for a timm name whose pretrained cfg has nowhere to load them from."""
+    if not (cfg.get("hf_hub_id") or cfg.get("url") or cfg.get("file")):
         raise BackboneError(
             f"{spec.name} has no pretrained weights; use weights='random' or a file"
         )
+
+
+def _build_timm(spec: BackboneSpec) -> Built:
+    import timm
+
+    name = spec.name.partition(":")[2]
+    pretrained_cfg = timm_pretrained_cfg(name)
+    kwargs: dict[str, Any] = {}
+    if spec.image_size is not None and pretrained_cfg.get("fixed_input_size", False):
+        kwargs["img_size"] = spec.image_size  # e.g. ViT position embeddings
+    if spec.weights == RANDOM or is_weights_file(spec.weights):
+        model = timm.create_model(name, pretrained=False, **kwargs)
+        _load_local(model, spec.weights)
+        return Built(model, "timm")
+    check_timm_source(spec, pretrained_cfg)
     try:
         model = timm.create_model(name, pretrained=True, **kwargs)
     except Exception as exc:  # noqa: BLE001 - hub, network and format errors alike
         raise _download_hint(f"{spec.name} pretrained weights", exc) from exc
-    cfg: dict[str, Any] = dict(getattr(model, "pretrained_cfg", None) or {})
-    cached = _timm_cached_file(cfg)
-    arch, tag = cfg.get("architecture"), cfg.get("tag")
-    sha = file_sha256(cached) if cached else f"timm:{arch}.{tag}"
-    return Built(model, "timm", timm_preprocess(model), sha)
+    return Built(model, "timm")
 
 
 def read_export_config(root: Path) -> dict[str, Any]:
@@ -348,20 +364,18 @@ def _build_export(spec: BackboneSpec) -> Built:
     # The architecture only: the base's own weights are replaced by weights.pt below.
     arch = build(resolve_spec(base.name, RANDOM, None, base.image_size))
     model = reset_classifier(arch.model, int(config["num_classes"]), arch.family)
-    sha = RANDOM_SHA
     if spec.weights != RANDOM:  # "random" = the export's architecture only (tests, nesting)
-        weights = root / EXPORT_WEIGHTS_NAME
-        if not weights.is_file():
-            raise BackboneError(f"{root} lacks {EXPORT_WEIGHTS_NAME}")
+        weights = export_weights_path(root)
         load_weights(model, read_state_dict(weights), str(weights))
-        sha = file_sha256(weights)
-    return Built(
-        model,
-        arch.family,
-        PreprocessSpec.from_dict(config["preprocess"]),
-        sha,
-        tuple(str(c) for c in config["class_names"]),
-    )
+    return Built(model, arch.family, tuple(str(c) for c in config["class_names"]))
+
+
+def export_weights_path(root: Path) -> Path:
+    """``weights.pt`` of an export folder (refused when missing)."""
+    weights = root / EXPORT_WEIGHTS_NAME
+    if not weights.is_file():
+        raise BackboneError(f"{root} lacks {EXPORT_WEIGHTS_NAME}")
+    return weights
 
 
 def build(spec: BackboneSpec) -> Built:

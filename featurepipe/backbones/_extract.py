@@ -192,6 +192,35 @@ def layer_extractor(model: nn.Module, layer: str, family: str) -> nn.Module:
     return Pooled(graph, channels_last, key="features")
 
 
+def default_feature_dim(model: nn.Module, family: str) -> int | None:
+    """Output width of :func:`default_extractor`, read from the model (no forward pass).
+
+    timm: ``head_hidden_size`` (the width ``forward_head(pre_logits=True)`` returns, which
+    differs from ``num_features`` when the head has a pre-logits MLP), else ``num_features``.
+    torchvision: the input width of the final classification layer that the extractor replaces
+    by Identity (``in_features`` of a Linear, ``in_channels`` of a 1x1 Conv2d). None when the
+    model does not say.
+    """
+    if family == "timm":
+        dim = getattr(model, "head_hidden_size", None)
+        if not isinstance(dim, int) or isinstance(dim, bool):
+            dim = getattr(model, "num_features", None)
+    else:
+        try:
+            head = model.get_submodule(torchvision_head_path(model))
+        except BackboneError:
+            return None
+        if isinstance(head, nn.Linear):
+            dim = head.in_features
+        elif isinstance(head, nn.Conv2d):
+            dim = head.in_channels
+        else:
+            dim = None
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        return None
+    return dim
+
+
 def default_extractor(model: nn.Module, family: str) -> nn.Module:
     """Pooled penultimate (pre-logits) features for a timm or torchvision classifier."""
     if family == "timm":

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from featurepipe.backbones._build import build
-from featurepipe.backbones._extract import default_extractor, layer_extractor
+from featurepipe.backbones._describe import describe
+from featurepipe.backbones._extract import default_extractor, default_feature_dim, layer_extractor
 from featurepipe.backbones._spec import BackboneSpec, PreprocessSpec, resolve_spec
 from featurepipe.exceptions import BackboneError
 
@@ -49,8 +50,33 @@ class Backbone:
     class_names: tuple[str, ...] | None = None
 
 
-def _probe_dim(extractor: nn.Module, preprocess: PreprocessSpec, spec: BackboneSpec) -> int:
-    """Feature width from one dummy forward; also proves the network accepts the input size."""
+def _fits_fixed_size(model: nn.Module, preprocess: PreprocessSpec) -> bool:
+    """False when the network is built for another fixed input size than the crop.
+
+    torchvision ViTs record ``image_size``: a random ``vit_h_14`` is built for 224 while the
+    preprocessing of its default weights crops 518.
+    """
+    fixed = getattr(model, "image_size", None)
+    return not isinstance(fixed, int) or (fixed, fixed) == preprocess.input_size
+
+
+def _probe_dim(
+    extractor: nn.Module,
+    preprocess: PreprocessSpec,
+    spec: BackboneSpec,
+    known: int | None = None,
+) -> int:
+    """Feature width; one dummy forward only where the model does not tell it.
+
+    ``known`` is the width read from the model for the default extractor (None where it is
+    unknown or the network is built for another fixed size than the crop). It is used as is
+    when the network runs at its weights' own input size. A dummy forward still runs for
+    named layers (their width is the layer's output), unknown widths and ``image_size``
+    overrides; there it also proves the network accepts the input size, failing here with a
+    message rather than mid-way through an embedding run.
+    """
+    if known is not None and spec.image_size is None:
+        return known
     height, width = preprocess.input_size
     try:
         with torch.no_grad():
@@ -97,22 +123,27 @@ def load_backbone(spec: BackboneSpec | str | os.PathLike[str]) -> Backbone:
     """
     spec = resolve_spec(spec)
     built = build(spec)
+    # After the build: hub weights it fetched are now cached, so this is the key a later
+    # describe_backbone(spec) gives too. Identity and preprocessing come only from here.
+    described = describe(spec, fetch=False)
     model = built.model
     if spec.layer is None:
         extractor = default_extractor(model, built.family)
+        known = default_feature_dim(model, built.family)
     else:
         extractor = layer_extractor(model, spec.layer, built.family)
+        known = None
     extractor.eval()
-    preprocess = built.preprocess
-    if spec.image_size is not None:
-        preprocess = preprocess.with_image_size(spec.image_size)
+    preprocess = described.preprocess
+    if not _fits_fixed_size(model, preprocess):
+        known = None  # let the probe fail with a message
     return Backbone(
         spec=spec,
         model=model,
         extractor=extractor,
         preprocess=preprocess,
-        feature_dim=_probe_dim(extractor, preprocess, spec),
-        weights_sha256=built.weights_sha256,
+        feature_dim=_probe_dim(extractor, preprocess, spec, known),
+        weights_sha256=described.weights_sha256,
         family=built.family,
         class_names=built.class_names,
     )

@@ -36,6 +36,12 @@ LITE_MODELS: dict[str, tuple[str, str, str, str]] = {
     for i in range(3)
 }
 
+#: ``torchvision.transforms.InterpolationMode`` values (torchvision 0.15-0.2x). Checking these
+#: without importing torchvision keeps ``describe_backbone`` free of a 1-3 s import; any other
+#: name is still checked against torchvision itself.
+_INTERPOLATIONS = frozenset(
+    ("nearest", "nearest-exact", "bilinear", "bicubic", "box", "hamming", "lanczos")
+)
 _WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".tar")
 _PREFIXES = ("torchvision", "timm")
 
@@ -119,7 +125,8 @@ class PreprocessSpec:
         object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
         object.__setattr__(self, "std", tuple(float(s) for s in self.std))
         object.__setattr__(self, "crop_pct", float(self.crop_pct))
-        self.interpolation_mode  # noqa: B018 - validates the name early
+        if self.interpolation not in _INTERPOLATIONS:  # known names skip the torchvision import
+            self.interpolation_mode  # noqa: B018 - validates the name early
 
     @property
     def interpolation_mode(self) -> Any:
@@ -186,6 +193,17 @@ class PreprocessSpec:
                 v2.Normalize(mean=list(self.mean), std=list(self.std)),
             ]
         )
+
+
+#: Evaluation preprocessing of the offline EfficientNet-Lite weights: timm's pretrained cfg of
+#: ``tf_efficientnet_lite{0,1,2}`` (the same TF checkpoints), frozen here so that describing the
+#: offline default needs no ``import timm`` (1-3 s, which would dominate a cached rerun).
+#: tests/test_backbones.py pins these to timm's registry.
+LITE_PREPROCESS: dict[str, PreprocessSpec] = {
+    "efficientnet_lite0": PreprocessSpec((224, 224), 256, "bicubic", (0.5,) * 3, (0.5,) * 3, 0.875),
+    "efficientnet_lite1": PreprocessSpec((240, 240), 272, "bicubic", (0.5,) * 3, (0.5,) * 3, 0.882),
+    "efficientnet_lite2": PreprocessSpec((260, 260), 292, "bicubic", (0.5,) * 3, (0.5,) * 3, 0.89),
+}
 
 
 def lite_package_installed(name: str) -> bool:
