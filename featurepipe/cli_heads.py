@@ -1,0 +1,413 @@
+"""``featurepipe fit | predict | evaluate``: heads on cached features, and saved models on images.
+
+:func:`fit_store` is the library call behind ``fit`` (usable from Python too); the command
+handlers only parse, call, print and pick the exit code. The ``sgd`` head (or any
+:class:`~featurepipe.heads.OutOfCoreSGDClassifier`) streams the store chunk by chunk, so its
+features never have to fit in memory; the other heads load the entry whole.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from featurepipe.exceptions import ConfigError, SpecMismatchError
+from featurepipe.store import FeatureStore
+
+__all__ = ["FitResult", "fit_store", "register"]
+
+#: featurepipe.heads.HEAD_PRESETS, spelled out so building the parser does not import sklearn.
+PRESET_NAMES = ("logreg", "linear-svm", "svm-rbf", "knn", "ridge", "sgd")
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit_store` did: the fitted head, what it was trained on, and its scores."""
+
+    head: Any
+    class_names: list[str]
+    store_key: str
+    key_parts: dict
+    backbone_spec: Any
+    params: dict
+    fit_seconds: float
+    n_train: int
+    n_test: int
+    metrics: dict | None
+    y_true: np.ndarray | None = None
+    y_pred: np.ndarray | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+def fit_store(store: str | os.PathLike, head: str = "logreg", *, key: str | None = None,
+              cv: int = 5, test_size: float = 0.2, test_store: str | os.PathLike | None = None,
+              seed: int = 0, chunk_rows: int = 4096) -> FitResult:
+    """Fit a head on a feature-store entry and score it on a held-out split or another store.
+
+    Parameters
+    ----------
+    store : path
+        The training feature store; every row must be labelled.
+    head : str
+        A preset of :data:`featurepipe.heads.HEAD_PRESETS` or ``"module:Class"``.
+    key : str, optional
+        Entry key (or unique prefix) when the store holds several.
+    cv : int
+        Folds of the head's hyperparameter search.
+    test_size : float
+        Fraction held out, stratified by class (0: no evaluation). Ignored with ``test_store``.
+    test_store : path, optional
+        Score on this store instead; it must hold features of the same spec (refused otherwise)
+        and its classes are matched to the training classes by name.
+    seed : int
+        Seeds the split, the folds and randomized heads.
+    chunk_rows : int
+        Rows per chunk streamed from the store by out-of-core heads.
+
+    Returns
+    -------
+    FitResult
+    """
+    from featurepipe.backbones import BackboneSpec
+    from featurepipe.heads import OutOfCoreSGDClassifier, chosen_params, fit_head, make_head
+    from featurepipe.model import check_same_spec, classification_metrics, key_parts_from_attrs
+
+    if not 0 <= float(test_size) < 1:
+        raise ConfigError(f"test size must be in [0, 1); got {test_size}")
+    fs = FeatureStore(store)
+    key = fs.resolve_key(key)
+    attrs = fs.attrs(key)
+    parts = key_parts_from_attrs(attrs)
+    estimator = make_head(head, cv=cv, random_state=seed)
+    streaming = isinstance(estimator, OutOfCoreSGDClassifier)
+    data = None if streaming else fs.load(key)
+    labels = _labels(fs, key, chunk_rows) if data is None else data.labels
+    class_names = fs.info(key)["classes"] if data is None else data.class_names
+    _refuse_unlabelled(labels, store)
+
+    test: tuple[FeatureStore, str] | None = None
+    is_train = np.ones(len(labels), dtype=bool)
+    if test_store is not None:
+        tfs = FeatureStore(test_store)
+        tkey = _matching_key(tfs, key, parts)
+        check_same_spec(parts, key_parts_from_attrs(tfs.attrs(tkey)),
+                        f"features in test store {test_store}")
+        test = (tfs, tkey)
+    elif test_size > 0:
+        is_train = _split(labels, float(test_size), seed, store)
+
+    notes: list[str] = []
+    if data is None:  # out-of-core: one chunk in memory at a time
+        fitted = estimator.set_params(chunk_rows=int(chunk_rows))
+        t0 = time.perf_counter()
+        fitted.fit_chunks(lambda: _chunks(fs, key, chunk_rows, is_train))
+        seconds, params = time.perf_counter() - t0, chosen_params(fitted)
+    else:
+        fitted, info = fit_head(estimator, data.features[is_train], labels[is_train])
+        seconds, params, notes = info["fit_seconds"], info["params"], info["warnings"]
+
+    y_true: np.ndarray | None = None
+    y_pred: np.ndarray | None = None
+    metrics = None
+    if test is not None:
+        y_true, y_pred = _predict_store(fitted, test[0], test[1], class_names, chunk_rows,
+                                        streaming)
+    elif not is_train.all():
+        y_true = labels[~is_train]
+        y_pred = (fitted.predict(data.features[~is_train]) if data is not None else
+                  _predict_chunks(fitted, fs, key, chunk_rows, ~is_train)[1])
+    if y_true is not None and y_pred is not None:
+        metrics = classification_metrics(y_true, y_pred, class_names)
+    return FitResult(
+        head=fitted, class_names=list(class_names), store_key=key, key_parts=parts,
+        backbone_spec=BackboneSpec.from_dict(attrs["spec"]), params=params, fit_seconds=seconds,
+        n_train=int(is_train.sum()), n_test=0 if y_true is None else len(y_true),
+        metrics=metrics, y_true=y_true, y_pred=y_pred, warnings=list(notes))
+
+
+def _labels(fs: FeatureStore, key: str, chunk_rows: int) -> np.ndarray:
+    parts = [chunk.labels for chunk in fs.iter_chunks(key, chunk_rows)]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def _refuse_unlabelled(labels: np.ndarray, store: Any) -> None:
+    if len(labels) == 0:
+        raise ConfigError(f"{store}: the entry has no rows to fit on")
+    n = int((labels < 0).sum())
+    if n:
+        raise ConfigError(
+            f"{store}: {n} of {len(labels)} rows are unlabelled (label -1); fit needs every row "
+            "labelled: embed a class-per-subfolder folder or a manifest with a label column")
+
+
+def _split(labels: np.ndarray, test_size: float, seed: int, store: Any) -> np.ndarray:
+    from sklearn.model_selection import train_test_split
+
+    rows = np.arange(len(labels))
+    try:
+        _, test_rows = train_test_split(rows, test_size=test_size, stratify=labels,
+                                        random_state=seed)
+    except ValueError as exc:
+        raise ConfigError(f"{store}: cannot hold out a stratified {test_size:g} test split "
+                          f"({exc}); use another --test-size, --test STORE2, or "
+                          "--test-size 0") from None
+    is_train = np.ones(len(labels), dtype=bool)
+    is_train[test_rows] = False
+    return is_train
+
+
+def _matching_key(fs: FeatureStore, key: str, parts: dict) -> str:
+    """The test store's entry with the training key, its only entry, or one of the same spec."""
+    from featurepipe.model import key_parts_from_attrs, spec_differences
+
+    keys = fs.keys()
+    if key in keys or len(keys) < 2:
+        return key if key in keys else fs.resolve_key(None)
+    same = [k for k in keys if not spec_differences(parts, key_parts_from_attrs(fs.attrs(k)))]
+    if not same:
+        raise SpecMismatchError(f"test store {fs.path} holds {len(keys)} entries, none made with "
+                                f"the training spec (backbone {parts.get('backbone')})")
+    return same[0]
+
+
+def _chunks(fs: FeatureStore, key: str, chunk_rows: int, keep: np.ndarray
+            ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    for chunk in fs.iter_chunks(key, chunk_rows):
+        sel = keep[chunk.start : chunk.start + len(chunk.ids)]
+        yield chunk.features[sel], chunk.labels[sel]
+
+
+def _predict_chunks(head: Any, fs: FeatureStore, key: str, chunk_rows: int,
+                    keep: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, predictions) of the kept rows, one chunk in memory at a time."""
+    labels, preds = [], []
+    for chunk in fs.iter_chunks(key, chunk_rows):
+        sel = (slice(None) if keep is None
+               else keep[chunk.start : chunk.start + len(chunk.ids)])
+        if len(chunk.labels[sel]):
+            labels.append(chunk.labels[sel])
+            preds.append(head.predict(chunk.features[sel]))
+    return np.concatenate(labels), np.concatenate(preds)
+
+
+def _predict_store(head: Any, fs: FeatureStore, key: str, class_names: list[str],
+                   chunk_rows: int, streaming: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Labels (mapped to the training classes by name) and predictions of a test store."""
+    theirs = fs.info(key)["classes"]
+    unknown = sorted(set(theirs) - set(class_names))
+    if unknown:
+        raise ConfigError(f"test store {fs.path} has classes {unknown} that the training store "
+                          f"lacks (training classes: {class_names})")
+    if streaming:
+        y, pred = _predict_chunks(head, fs, key, chunk_rows)
+    else:
+        data = fs.load(key)
+        y, pred = data.labels, head.predict(data.features)
+    _refuse_unlabelled(y, fs.path)
+    mapping = np.array([class_names.index(name) for name in theirs], dtype=np.int64)
+    return mapping[y], pred
+
+
+# --------------------------------------------------------------------------- printing
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+def _print_metrics(metrics: dict) -> None:
+    from featurepipe.report import markdown_table
+
+    print(f"accuracy {metrics['accuracy']:.4f}  balanced accuracy "
+          f"{metrics['balanced_accuracy']:.4f}  macro-F1 {metrics['macro_f1']:.4f}")
+    rows = [{"class": name, "precision": v["precision"], "recall": v["recall"],
+             "f1": v["f1-score"], "support": v["support"]}
+            for name, v in metrics["per_class"].items()]
+    print(markdown_table(rows))
+
+
+def _plot_confusion(folder: str, y_true: np.ndarray, y_pred: np.ndarray,
+                    class_names: list[str]) -> str:
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    from featurepipe.report import new_figure, save_figure
+
+    size = max(4.0, 0.45 * len(class_names) + 2.5)
+    fig = new_figure(size, size)
+    ConfusionMatrixDisplay.from_predictions(
+        y_true, y_pred, labels=list(range(len(class_names))), display_labels=class_names,
+        ax=fig.add_subplot(), xticks_rotation="vertical", colorbar=False)
+    return save_figure(fig, os.path.join(folder, "confusion_matrix.png"))
+
+
+def _json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+# --------------------------------------------------------------------------- handlers
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from featurepipe.model import save_model
+
+    result = fit_store(args.store, args.head, key=args.key, cv=args.cv,
+                       test_size=args.test_size, test_store=args.test, seed=args.seed,
+                       chunk_rows=args.chunk_rows)
+    metrics = result.metrics or {}
+    summary = {
+        "store": args.store, "key": result.store_key, "head": args.head,
+        "params": result.params, "fit_seconds": result.fit_seconds,
+        "n_train": result.n_train, "n_test": result.n_test, "classes": result.class_names,
+        "test": args.test or (f"stratified split {args.test_size:g}" if args.test_size else None),
+        **{k: metrics.get(k) for k in ("accuracy", "balanced_accuracy", "macro_f1",
+                                       "per_class")},
+        "warnings": result.warnings, "model": args.out,
+    }
+    save_model(args.out, result.head, result.backbone_spec, result.class_names,
+               result.store_key, result.key_parts,
+               metrics={k: v for k, v in summary.items() if k != "model"})
+    if args.plots and result.y_true is not None and result.y_pred is not None:
+        summary["plots"] = [_plot_confusion(args.plots, result.y_true, result.y_pred,
+                                            result.class_names)]
+    if args.json:
+        _json(summary)
+        return 0
+    print(f"fit {args.head} on {args.store} (entry {result.store_key}): {result.n_train} train "
+          f"/ {result.n_test} test rows, {len(result.class_names)} classes, "
+          f"{result.fit_seconds:.2f} s")
+    print("chosen: " + (", ".join(f"{k}={v}" for k, v in result.params.items()) or "-"))
+    if result.metrics:
+        _print_metrics(result.metrics)
+    for path in summary.get("plots", []):
+        print(f"plot: {path}")
+    print(f"saved {args.out}")
+    return 0
+
+
+def _expand(items: list[str]) -> tuple[list[str], list[str]]:
+    """(paths to embed, names to show): folders expand to their images, files stay as given."""
+    from featurepipe.sources import open_source
+
+    paths, shown = [], []
+    for item in items:
+        if os.path.isdir(item):
+            for sample in open_source(item).samples:
+                paths.append(sample.path or sample.id)
+                shown.append(os.path.join(item, sample.id))
+        else:
+            paths.append(item)
+            shown.append(item)
+    return paths, shown
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from featurepipe.model import load_model
+
+    return load_model(args.model, device=args.device, batch_size=args.batch_size,
+                      workers=args.workers, cache=args.cache, progress=False)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    model = _load(args)
+    paths, shown = _expand(args.images)
+    emb = model.embed(paths)
+    top = (model.top_k_features(emb.features[emb.valid], args.top_k)
+           if emb.valid.any() else [])
+    rows = [{"file": shown[pos], "label": best[0][0], "score": best[0][1],
+             "top_k": [{"label": name, "score": s} for name, s in best]}
+            for pos, best in zip(np.flatnonzero(emb.valid).tolist(), top, strict=True)]
+    skipped = [{"file": shown[pos], "reason": reason} for pos, _, reason in emb.skipped]
+    if args.json:
+        _json({"model": args.model, "score_kind": model.score_kind, "predictions": rows,
+               "skipped": skipped})
+    else:
+        from featurepipe.report import markdown_table
+
+        kind = model.score_kind
+        table = [{"file": r["file"], "label": r["label"], kind: r["score"],
+                  f"top-{args.top_k}": ", ".join(f"{t['label']} {t['score']:.3f}"
+                                                 for t in r["top_k"])} for r in rows]
+        if table:
+            print(markdown_table(table))
+        if kind == "decision":
+            print("(scores are decision-function values: this head has no probabilities)")
+        for item in skipped:
+            print(f"skipped {item['file']}: {item['reason']}")
+    if not rows:
+        _say(f"featurepipe: error: none of the {len(paths)} images could be embedded")
+        return 1
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    model = _load(args)
+    result = model.evaluate(args.source)
+    y_true, y_pred = result.pop("y_true"), result.pop("y_pred")
+    if args.plots:
+        result["plots"] = [_plot_confusion(args.plots, y_true, y_pred, model.class_names)]
+    if args.json:
+        _json({"model": args.model, "source": args.source, **result})
+        return 0
+    print(f"evaluate {args.model} on {args.source}: {result['n_test']} images")
+    _print_metrics(result)
+    for item in result["skipped"]:
+        print(f"skipped {item['id']}: {item['reason']}")
+    for path in result.get("plots", []):
+        print(f"plot: {path}")
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
+    p.add_argument("--workers", type=int, default=None, help="decode workers (default: auto)")
+    p.add_argument("--cache", default=None,
+                   help="HDF5 store to cache the new images' features in (default: none)")
+    p.add_argument("--json", action="store_true")
+
+
+def register(sub: Any) -> None:
+    """Add ``fit``, ``predict`` and ``evaluate`` to the CLI's subparsers."""
+    p = sub.add_parser("fit", help="train a classifier head on a feature store")
+    p.add_argument("store", help="feature store (.h5) with labelled rows")
+    p.add_argument("--head", default="logreg",
+                   help=f"{', '.join(PRESET_NAMES)}, or a scikit-learn classifier "
+                        "as module:Class (default: logreg)")
+    p.add_argument("--cv", type=int, default=5, help="folds of the head's search (default 5)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--test-size", type=float, default=0.2,
+                       help="stratified held-out fraction (default 0.2; 0 = no test)")
+    group.add_argument("--test", default=None, help="score on this feature store instead")
+    p.add_argument("--key", default=None, help="entry key when the store holds several")
+    p.add_argument("--out", required=True, help="model file (.joblib, or .skops: no pickle)")
+    p.add_argument("--plots", default=None, help="folder for a confusion-matrix PNG")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chunk-rows", type=int, default=4096,
+                   help="rows per chunk streamed from the store by the sgd head")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser("predict", help="classify image files with a saved model")
+    p.add_argument("model", help="model file from `featurepipe fit`")
+    p.add_argument("images", nargs="+", help="image files and/or folders")
+    p.add_argument("--top-k", type=int, default=3)
+    _add_model_args(p)
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("evaluate", help="score a saved model on a labelled folder or manifest")
+    p.add_argument("model", help="model file from `featurepipe fit`")
+    p.add_argument("source", help="class-per-subfolder folder or CSV manifest with labels")
+    p.add_argument("--plots", default=None, help="folder for a confusion-matrix PNG")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_evaluate)

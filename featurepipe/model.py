@@ -1,0 +1,499 @@
+"""Saved models: a fitted head plus the backbone spec it needs, predicting straight from images.
+
+A model file holds the fitted scikit-learn head, the backbone *spec* (name, weights, layer,
+image size; never the network weights), the class names, the feature-store entry key and key
+parts the head was trained on, the metrics of its evaluation and the library versions. Loading it
+rebuilds the backbone from the spec, so features of new images are made exactly as in training;
+a head is refused (:class:`~featurepipe.exceptions.SpecMismatchError`) when offered features of
+another backbone, weights, layer, preprocessing or decode policy.
+
+Trust model
+-----------
+``.joblib`` files (the default) are pickles: **loading one runs code chosen by whoever wrote
+it**. Only load model files you made yourself or got from someone you trust, over a channel you
+trust. For files you cannot vouch for, save and share ``.skops`` files instead
+(``pip install 'featurepipe[skops]'``): :mod:`skops.io` rebuilds objects without pickle and
+refuses any type not on a trusted list. :func:`load_model` trusts scikit-learn's defaults plus
+:data:`SKOPS_TRUSTED` (the head presets' own types) and names anything else it finds; pass
+``trusted=[...]`` only after checking those names. All head presets round-trip through skops.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from sklearn.base import BaseEstimator
+from sklearn.utils.validation import check_is_fitted
+
+from featurepipe.backbones import BackboneSpec
+from featurepipe.exceptions import (
+    ConfigError,
+    DecodeError,
+    FeaturePipeWarning,
+    MissingDependencyError,
+    SpecMismatchError,
+)
+
+__all__ = ["KEY_PART_NAMES", "SKOPS_TRUSTED", "SPEC_PARTS", "Embedded", "ImageClassifier",
+           "check_same_spec", "classification_metrics", "key_parts_from_attrs", "load_model",
+           "save_model", "spec_differences"]
+
+MODEL_FORMAT = "featurepipe-model"
+MODEL_FORMAT_VERSION = 1
+#: Key parts that change what a feature *means*; a head only accepts features that agree on all.
+SPEC_PARTS = ("backbone", "spec", "weights_sha256", "layer", "preprocess", "decode_policy",
+              "feature_format_version")
+#: All key parts; ``dtype`` and ``precision`` only round the same features differently.
+KEY_PART_NAMES = (*SPEC_PARTS, "dtype", "precision")
+#: Versions compared on load (a difference warns).
+CHECKED_PACKAGES = ("featurepipe", "scikit-learn", "numpy", "torch", "torchvision", "timm")
+#: Types beyond skops' defaults that the head presets need (all plain data holders).
+SKOPS_TRUSTED = (
+    "featurepipe.heads.OutOfCoreSGDClassifier",
+    "featurepipe.heads.ScaledGammaSVC",
+    "sklearn.metrics._scorer._PassthroughScorer",
+    "sklearn.model_selection._split.StratifiedKFold",
+)
+
+
+# --------------------------------------------------------------------------- spec comparison
+
+
+def key_parts_from_attrs(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """The key parts of a feature-store entry, from its attributes (``FeatureStore.attrs``)."""
+    return {name: attrs.get(name) for name in KEY_PART_NAMES}
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def check_same_spec(expected: Mapping[str, Any], actual: Mapping[str, Any], what: str) -> None:
+    """Raise SpecMismatchError naming every spec part where ``actual`` differs from ``expected``.
+
+    Parameters
+    ----------
+    expected : mapping
+        Key parts the head was trained on.
+    actual : mapping
+        Key parts of the features offered.
+    what : str
+        Names the features in the message, e.g. ``"test store b.h5"``.
+    """
+    differs = spec_differences(expected, actual)
+    if differs:
+        detail = "; ".join(f"{name}: {_short(expected.get(name))} vs {_short(actual.get(name))}"
+                           for name in differs)
+        raise SpecMismatchError(
+            f"{what} were made with another spec than the model's ({detail}); re-embed them "
+            f"with backbone {_short(expected.get('spec'))}")
+
+
+def spec_differences(expected: Mapping[str, Any], actual: Mapping[str, Any]) -> list[str]:
+    """Names of the :data:`SPEC_PARTS` on which two sets of key parts disagree."""
+    return [name for name in SPEC_PARTS
+            if _canonical(expected.get(name)) != _canonical(actual.get(name))]
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = _canonical(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def classification_metrics(y_true: Sequence[int] | np.ndarray, y_pred: Sequence[int] | np.ndarray,
+                           class_names: Sequence[str]) -> dict[str, Any]:
+    """Accuracy, balanced accuracy, macro-F1 and per-class precision/recall/F1/support.
+
+    Labels are class indices into ``class_names``; every class is reported, present or not.
+    """
+    from sklearn.metrics import (
+        accuracy_score,
+        balanced_accuracy_score,
+        classification_report,
+        f1_score,
+    )
+
+    labels = list(range(len(class_names)))
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    report = classification_report(y_true, y_pred, labels=labels, target_names=list(class_names),
+                                   output_dict=True, zero_division=0)
+    with warnings.catch_warnings():  # classes absent from y_true: recall is undefined, not news
+        warnings.simplefilter("ignore", UserWarning)
+        balanced = balanced_accuracy_score(y_true, y_pred)
+    return {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "balanced_accuracy": float(balanced),
+        "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro",
+                                   zero_division=0)),
+        "per_class": {name: {k: float(v) if k != "support" else int(v)
+                             for k, v in report[name].items()}
+                      for name in class_names},
+    }
+
+
+# --------------------------------------------------------------------------- the model
+
+
+@dataclass
+class Embedded:
+    """Features of images: ``features[valid]`` are real; ``skipped``: (position, id, reason)."""
+
+    features: np.ndarray
+    ids: list[str]
+    valid: np.ndarray
+    skipped: list[tuple[int, str, str]] = field(default_factory=list)
+
+
+class ImageClassifier:
+    """A fitted head with the backbone spec it needs: predicts from image files or arrays.
+
+    Usually obtained from :func:`load_model`. Embedding settings (``device``, ``precision``,
+    ``batch_size``, ``workers``, ``cache``, ``progress``) only change speed, never which
+    features the head gets.
+
+    Parameters
+    ----------
+    head : BaseEstimator
+        Fitted classifier; its labels are indices into ``class_names`` (or the names).
+    backbone_spec : BackboneSpec
+        How features were made (a fine-tuned export folder works like any other name).
+    class_names : sequence of str
+    store_key : str or None
+        Feature-store entry the head was trained on.
+    key_parts : mapping
+        Key parts of that entry (see :func:`featurepipe.embed.key_parts`).
+    metrics, versions : dict, optional
+        Evaluation and library versions recorded at save time.
+    device, precision, batch_size, workers, cache, progress
+        Passed to :class:`~featurepipe.estimators.ImageEmbedder`.
+
+    Attributes
+    ----------
+    classes_ : ndarray of str
+        Class names in the column order of :meth:`predict_proba`.
+    score_kind : str
+        ``"probability"`` when the head has ``predict_proba``, else ``"decision"``.
+    """
+
+    def __init__(self, head: BaseEstimator, backbone_spec: BackboneSpec,
+                 class_names: Sequence[str], *, store_key: str | None = None,
+                 key_parts: Mapping[str, Any] | None = None, metrics: dict | None = None,
+                 versions: dict | None = None, device: str = "auto", precision: str = "auto",
+                 batch_size: int = 64, workers: int | None = None,
+                 cache: str | os.PathLike | None = None, progress: bool = False) -> None:
+        check_is_fitted(head)
+        self.head = head
+        self.backbone_spec = backbone_spec
+        self.class_names = [str(c) for c in class_names]
+        self.store_key = store_key
+        self.key_parts = dict(key_parts or {})
+        self.metrics = metrics
+        self.versions = versions or {}
+        self.embed_options: dict[str, Any] = {
+            "device": device, "precision": precision, "batch_size": batch_size,
+            "workers": workers, "cache": cache, "progress": progress}
+        self.classes_ = _class_names_of(head, self.class_names)
+        self._embedder: Any = None
+
+    def __repr__(self) -> str:
+        return (f"ImageClassifier(backbone={self.backbone_spec.name!r}, "
+                f"head={type(self.head).__name__}, classes={len(self.classes_)})")
+
+    @property
+    def score_kind(self) -> str:
+        return "probability" if hasattr(self.head, "predict_proba") else "decision"
+
+    # -- features --------------------------------------------------------------------------
+
+    def embed(self, X: Any) -> Embedded:
+        """Features of images with the model's own backbone; bad images are listed, not raised."""
+        from featurepipe.estimators import ImageEmbedder
+
+        if self._embedder is None:
+            spec = self.backbone_spec
+            embedder = ImageEmbedder(
+                spec.name, weights=spec.weights, layer=spec.layer, image_size=spec.image_size,
+                dtype=self.key_parts.get("dtype") or "float32", on_error="skip",
+                **self.embed_options).fit(X)
+            if self.key_parts:
+                check_same_spec(self.key_parts, embedder.key_parts_,
+                                f"features of backbone {spec.name} as loaded now")
+            self._embedder = embedder
+        features, bad, ids = self._embedder._embed(X)
+        valid = np.ones(len(features), dtype=bool)
+        valid[[pos for pos, _, _ in bad]] = False
+        return Embedded(features, ids, valid, bad)
+
+    def _features(self, X: Any) -> np.ndarray:
+        emb = self.embed(X)
+        if emb.skipped:
+            pos, id_, reason = emb.skipped[0]
+            more = f" (and {len(emb.skipped) - 1} more bad images)" if len(emb.skipped) > 1 else ""
+            raise DecodeError(id_, f"{reason}{more}; use embed() to get the good images' "
+                              "features and the list of bad ones")
+        return emb.features
+
+    def _checked(self, F: Any, key_parts: Mapping[str, Any] | None) -> np.ndarray:
+        if key_parts is not None:
+            check_same_spec(self.key_parts, key_parts, "these features")
+        F = np.asarray(F, dtype=np.float32)
+        width = getattr(self.head, "n_features_in_", None)
+        if F.ndim != 2 or (width is not None and F.shape[1] != width):
+            raise SpecMismatchError(
+                f"features have shape {F.shape}; the head expects (n, {width}) features of "
+                f"backbone {self.backbone_spec.name}")
+        return F
+
+    # -- on features -----------------------------------------------------------------------
+
+    def predict_features(self, F: Any, *, key_parts: Mapping[str, Any] | None = None
+                         ) -> np.ndarray:
+        """Class names for a feature matrix; ``key_parts`` (of the store) are checked first."""
+        return self._names(self.head.predict(self._checked(F, key_parts)))
+
+    def scores_features(self, F: Any, *, key_parts: Mapping[str, Any] | None = None
+                        ) -> np.ndarray:
+        """(n, n_classes) probabilities, or decision scores (see :attr:`score_kind`)."""
+        F = self._checked(F, key_parts)
+        if self.score_kind == "probability":
+            return np.asarray(self.head.predict_proba(F))
+        scores = np.asarray(self.head.decision_function(F))
+        return np.column_stack([-scores, scores]) if scores.ndim == 1 else scores
+
+    def top_k_features(self, F: Any, k: int = 5, *, key_parts: Mapping[str, Any] | None = None
+                       ) -> list[list[tuple[str, float]]]:
+        """The ``k`` best (class name, score) pairs per row, best first."""
+        scores = self.scores_features(F, key_parts=key_parts)
+        k = max(1, min(int(k), scores.shape[1]))
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        return [[(str(self.classes_[j]), float(row[j])) for j in idx]
+                for row, idx in zip(scores, order, strict=True)]
+
+    # -- on images -------------------------------------------------------------------------
+
+    def predict(self, X: Any) -> np.ndarray:
+        """Class names of images (paths, a folder or an image array)."""
+        return self.predict_features(self._features(X))
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        """Class probabilities of images, columns in :attr:`classes_` order."""
+        if self.score_kind != "probability":
+            raise ConfigError(f"head {type(self.head).__name__} has no predict_proba; use "
+                              "decision_function")
+        return self.scores_features(self._features(X))
+
+    def decision_function(self, X: Any) -> np.ndarray:
+        """Decision scores of images (heads that have ``decision_function``)."""
+        if not hasattr(self.head, "decision_function"):
+            raise ConfigError(f"head {type(self.head).__name__} has no decision_function; use "
+                              "predict_proba")
+        return np.asarray(self.head.decision_function(self._features(X)))
+
+    def top_k(self, X: Any, k: int = 5) -> list[list[tuple[str, float]]]:
+        """The ``k`` best (class name, score) pairs per image."""
+        return self.top_k_features(self._features(X), k)
+
+    def evaluate(self, X: Any) -> dict[str, Any]:
+        """Metrics on a labelled folder or manifest; its classes are matched to the model's by name.
+
+        Bad images are left out and listed under ``skipped``.
+        """
+        from featurepipe.sources import open_source
+
+        src = open_source(X)
+        if not src.class_names or (src.labels < 0).all():
+            raise ConfigError(f"{X}: no labels; evaluate needs a class-per-subfolder folder or a "
+                              "manifest with a label column")
+        unknown = sorted(set(src.class_names) - set(self.classes_.tolist()))
+        if unknown:
+            raise ConfigError(f"{X}: classes {unknown} are not among the model's classes "
+                              f"{self.classes_.tolist()}")
+        emb = self.embed(src)
+        keep = emb.valid & (src.labels >= 0)
+        if not keep.any():
+            raise ConfigError(f"{X}: no image could be embedded; nothing to evaluate")
+        index = {name: i for i, name in enumerate(self.class_names)}
+        y_true = np.array([index[src.class_names[lab]] for lab in src.labels[keep]])
+        pred = self.predict_features(emb.features[keep])
+        y_pred = np.array([index[name] for name in pred])
+        result = classification_metrics(y_true, y_pred, self.class_names)
+        result.update(n_test=int(keep.sum()), y_true=y_true, y_pred=y_pred,
+                      skipped=[{"id": i, "reason": r} for _, i, r in emb.skipped])
+        return result
+
+    def _names(self, labels: np.ndarray) -> np.ndarray:
+        lookup = dict(zip(np.asarray(self.head.classes_).tolist(), self.classes_.tolist(),
+                          strict=True))
+        return np.array([lookup[label] for label in np.asarray(labels).tolist()], dtype=object)
+
+
+def _class_names_of(head: BaseEstimator, class_names: list[str]) -> np.ndarray:
+    """Names of ``head.classes_``: ints index ``class_names``; strings must be among them."""
+    labels = np.asarray(head.classes_).tolist()
+    if all(isinstance(c, (int, np.integer)) and 0 <= c < len(class_names) for c in labels):
+        return np.array([class_names[c] for c in labels], dtype=object)
+    if all(str(c) in class_names for c in labels):
+        return np.array([str(c) for c in labels], dtype=object)
+    raise ConfigError(f"head classes {labels[:10]} are neither indices into nor members of "
+                      f"class_names {class_names[:10]}")
+
+
+# --------------------------------------------------------------------------- save / load
+
+
+def save_model(path: str | os.PathLike, head: BaseEstimator,
+               backbone_spec: BackboneSpec | Mapping[str, Any] | str,
+               class_names: Sequence[str], store_key: str | None,
+               key_parts: Mapping[str, Any], metrics: dict | None = None) -> str:
+    """Write a fitted head and what it needs to predict from images to one file.
+
+    Parameters
+    ----------
+    path : str or PathLike
+        ``*.skops`` is written with skops (no pickle); anything else with joblib (pickle).
+    head : BaseEstimator
+        A fitted classifier on the features described by ``key_parts``.
+    backbone_spec : BackboneSpec, dict or str
+        The spec (``to_dict()`` form is stored; weights stay where they are).
+    class_names : sequence of str
+    store_key : str or None
+    key_parts : mapping
+        The training entry's key parts (``key_parts_from_attrs(store.attrs(key))``).
+    metrics : dict, optional
+        JSON-able evaluation results kept for reference.
+
+    Returns
+    -------
+    str
+        The path written (atomically: a crash leaves the old file or none).
+    """
+    from featurepipe.embed import library_versions
+
+    check_is_fitted(head)
+    spec = backbone_spec if isinstance(backbone_spec, BackboneSpec) else (
+        BackboneSpec.from_dict(backbone_spec) if isinstance(backbone_spec, Mapping)
+        else BackboneSpec(str(backbone_spec)))
+    names = [str(c) for c in class_names]
+    _class_names_of(head, names)
+    missing = [name for name in SPEC_PARTS if name not in key_parts]
+    if missing:
+        raise ConfigError(f"key_parts lack {missing}; pass the training store entry's key parts "
+                          "(featurepipe.model.key_parts_from_attrs(store.attrs(key)))")
+    payload = {
+        "format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION,
+        "head": head, "backbone_spec": spec.to_dict(), "class_names": names,
+        "store_key": store_key, "key_parts": json.loads(_canonical(dict(key_parts))),
+        "metrics": json.loads(json.dumps(metrics, default=_jsonable)) if metrics else None,
+        "versions": library_versions(),
+    }
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        if path.endswith(".skops"):
+            _skops().dump(payload, tmp)
+        else:
+            import joblib
+
+            joblib.dump(payload, tmp, compress=3)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def load_model(path: str | os.PathLike, *, trusted: Sequence[str] = (),
+               **embed_options: Any) -> ImageClassifier:
+    """Load a model written by :func:`save_model` (read the module's trust model first).
+
+    Parameters
+    ----------
+    path : str or PathLike
+        A ``.joblib`` (pickle: runs code from the file) or ``.skops`` file.
+    trusted : sequence of str
+        Extra type names to trust in a ``.skops`` file, beyond :data:`SKOPS_TRUSTED`.
+    **embed_options
+        ``device``, ``precision``, ``batch_size``, ``workers``, ``cache``, ``progress``.
+
+    Returns
+    -------
+    ImageClassifier
+
+    Warns
+    -----
+    FeaturePipeWarning
+        When a package in :data:`CHECKED_PACKAGES` differs from the version that saved the file.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ConfigError(f"no model file at {path}; write one with `featurepipe fit ... --out`")
+    try:
+        if path.endswith(".skops"):
+            sio = _skops()
+            untrusted = [t for t in sio.get_untrusted_types(file=path)
+                         if t not in SKOPS_TRUSTED and t not in trusted]
+            if untrusted:
+                raise ConfigError(f"{path} holds types that are not trusted: {untrusted}; check "
+                                  "them and pass load_model(..., trusted=[...]) if they are safe")
+            payload = sio.load(path, trusted=[*SKOPS_TRUSTED, *trusted])
+        else:
+            import joblib
+
+            payload = joblib.load(path)
+    except (ConfigError, MissingDependencyError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not a model file"
+        raise ConfigError(f"{path} is not a readable featurepipe model "
+                          f"({type(exc).__name__}: {exc})") from exc
+    if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
+        raise ConfigError(f"{path} is not a featurepipe model file")
+    if int(payload.get("format_version", 0)) > MODEL_FORMAT_VERSION:
+        raise ConfigError(f"{path} was written by a newer featurepipe (model format "
+                          f"{payload['format_version']}); upgrade featurepipe")
+    _warn_versions(path, payload.get("versions") or {})
+    return ImageClassifier(
+        payload["head"], BackboneSpec.from_dict(payload["backbone_spec"]),
+        payload["class_names"], store_key=payload.get("store_key"),
+        key_parts=payload.get("key_parts"), metrics=payload.get("metrics"),
+        versions=payload.get("versions"), **embed_options)
+
+
+def _warn_versions(path: str, saved: Mapping[str, str]) -> None:
+    from featurepipe.embed import library_versions
+
+    now = library_versions()
+    for package in CHECKED_PACKAGES:
+        if package in saved and saved[package] != now.get(package):
+            warnings.warn(
+                f"{path} was saved with {package} {saved[package]}, but {package} "
+                f"{now.get(package)} is installed; predictions may differ: re-fit the model, or "
+                f"install {package}=={saved[package]}", FeaturePipeWarning, stacklevel=3)
+
+
+def _skops() -> Any:
+    try:
+        import skops.io as sio
+    except ImportError as exc:
+        raise MissingDependencyError(
+            "saving or loading .skops models needs skops: pip install 'featurepipe[skops]'"
+        ) from exc
+    return sio
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, np.generic | np.ndarray):
+        return value.tolist()
+    return str(value)

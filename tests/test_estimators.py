@@ -1,0 +1,294 @@
+"""ImageEmbedder: sklearn checks, embed-once caching in pipelines and searches, pickling."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.base import clone
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import GridSearchCV, StratifiedKFold, cross_val_score
+from sklearn.pipeline import make_pipeline
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+import featurepipe.embed as engine
+from featurepipe.estimators import ImageEmbedder, clear_caches, drop_bad
+from featurepipe.exceptions import (
+    BackboneError,
+    ConfigError,
+    DecodeError,
+    FeaturePipeWarning,
+)
+from featurepipe.store import FeatureStore
+from tests.helpers import TINY, write_good_images
+
+SETTINGS = {**TINY, "precision": "fp32", "workers": 0}
+
+# Checks that feed a 2-D numeric table to fit/transform. ImageEmbedder takes images and refuses a
+# table with a ConfigError, so these cannot pass on it; the image-adapted run below drives the
+# same checks through the real embedding path.
+_TABLE = "feeds a 2-D numeric table; ImageEmbedder takes images (see the image-adapted run)"
+# Checks that expect sklearn's own tabular validation (messages about samples, features, NaN,
+# sparse or complex input). Images are validated by featurepipe.decode with its own messages.
+_VALIDATION = "expects sklearn's tabular input validation message; images are validated by decode"
+# Images have no input feature count.
+_NO_N_FEATURES_IN = "images have no n_features_in_ (inputs are images, not feature columns)"
+
+VALIDATION_CHECKS = {
+    name: _VALIDATION for name in (
+        "check_complex_data", "check_estimators_empty_data_messages", "check_estimators_nan_inf",
+        "check_estimator_sparse_tag", "check_estimator_sparse_array",
+        "check_estimator_sparse_matrix", "check_fit2d_1sample", "check_fit2d_1feature",
+        "check_positive_only_tag_during_fit", "check_fit2d_predict1d",
+    )
+}
+TABLE_CHECKS = {
+    name: _TABLE for name in (
+        "check_fit_score_takes_y", "check_estimators_overwrite_params",
+        "check_dont_overwrite_parameters", "check_estimators_fit_returns_self",
+        "check_readonly_memmap_input", "check_n_features_in_after_fitting",
+        "check_estimators_dtypes", "check_dtype_object", "check_pipeline_consistency",
+        "check_estimators_pickle", "check_f_contiguous_array_estimator",
+        "check_transformer_data_not_an_array", "check_transformer_general",
+        "check_transformer_preserve_dtypes", "check_methods_sample_order_invariance",
+        "check_methods_subset_invariance", "check_dict_unchanged", "check_fit_idempotent",
+        "check_fit_check_is_fitted", "check_n_features_in",
+    )
+}
+#: Skipped/expected-to-fail checks of ImageEmbedder, each with its reason.
+EMBEDDER_EXPECTED_FAILED = {**TABLE_CHECKS, **VALIDATION_CHECKS}
+
+
+class TableAsImages(ImageEmbedder):
+    """Test-only adapter: each row of a numeric table becomes a 1 x n_features grey image.
+
+    Values are squashed into [0, 1] by a sigmoid (a fixed, row-wise map), so sklearn's checks
+    drive the real fit / transform / cache / pickle path of ImageEmbedder with image inputs.
+    """
+
+    def fit(self, X, y=None):
+        return super().fit(_table_to_images(X), y)
+
+    def transform(self, X):
+        return super().transform(_table_to_images(X))
+
+
+def _table_to_images(X):
+    X = np.asarray(X, dtype=np.float64)
+    if X.ndim != 2:
+        raise ValueError(f"Expected 2D array, got {X.ndim}D array instead")
+    return (1.0 / (1.0 + np.exp(-X)))[:, None, :]
+
+
+#: Expected failures of the image-adapted run: the adapter converts with np.asarray, so it
+#: cannot show ImageEmbedder's own handling of the odd tabular inputs.
+ADAPTER_EXPECTED_FAILED = {
+    **{name: reason for name, reason in VALIDATION_CHECKS.items()
+       if name not in ("check_positive_only_tag_during_fit", "check_fit2d_1sample",
+                       "check_fit2d_1feature")},  # these pass through the adapter
+    "check_n_features_in": _NO_N_FEATURES_IN,
+    "check_n_features_in_after_fitting": _NO_N_FEATURES_IN,
+    "check_transformer_general": "images of any size are accepted: a table of another width is "
+                                 "an image of another size, not an error",
+}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_features():
+    """Each test starts without memoised features (the loaded tiny network may stay)."""
+    clear_caches(backbones=False)
+    yield
+    clear_caches(backbones=False)
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Count the images that go through the backbone (all engines call embed.forward_features)."""
+    seen = {"images": 0}
+    real = engine.forward_features
+
+    def counting(model, x, device, precision):
+        seen["images"] += int(x.shape[0])
+        return real(model, x, device, precision)
+
+    monkeypatch.setattr(engine, "forward_features", counting)
+    return seen
+
+
+@pytest.fixture
+def two_classes(tmp_path):
+    paths = write_good_images(tmp_path / "a", 6, seed=1) + write_good_images(tmp_path / "b", 6, 2)
+    return [str(p) for p in paths], np.repeat([0, 1], 6)
+
+
+# --------------------------------------------------------------------------- sklearn checks
+
+
+@parametrize_with_checks([ImageEmbedder(**SETTINGS)],
+                         expected_failed_checks=lambda est: EMBEDDER_EXPECTED_FAILED)
+def test_sklearn_checks_image_embedder(estimator, check):
+    check(estimator)
+
+
+@parametrize_with_checks([TableAsImages(**SETTINGS)],
+                         expected_failed_checks=lambda est: ADAPTER_EXPECTED_FAILED)
+def test_sklearn_checks_through_images(estimator, check):
+    check(estimator)
+
+
+# --------------------------------------------------------------------------- embed once
+
+
+def test_grid_search_over_head_embeds_each_image_once(two_classes, counted):
+    paths, y = two_classes
+    pipe = make_pipeline(ImageEmbedder(**SETTINGS), LogisticRegression(max_iter=200))
+    search = GridSearchCV(pipe, {"logisticregression__C": [0.1, 1.0, 10.0]},
+                          cv=StratifiedKFold(3, shuffle=True, random_state=0))
+    search.fit(paths, y)
+    assert counted["images"] == len(paths)
+    search.predict(paths)
+    assert counted["images"] == len(paths)
+
+
+def test_cross_val_score_and_repeated_paths_embed_once(two_classes, counted):
+    paths, y = two_classes
+    pipe = make_pipeline(ImageEmbedder(**SETTINGS), LogisticRegression(max_iter=200))
+    cross_val_score(pipe, paths, y, cv=3)
+    assert counted["images"] == len(paths)
+    emb = ImageEmbedder(**SETTINGS).fit(paths)
+    doubled = emb.transform(paths + paths[:3])
+    assert doubled.shape == (15, emb.feature_dim_) and doubled.dtype == np.float32
+    np.testing.assert_array_equal(doubled[12:], doubled[:3])
+    assert counted["images"] == len(paths)
+
+
+def test_store_cache_is_reused_across_processes(two_classes, counted, tmp_path):
+    paths, y = two_classes
+    cache = tmp_path / "cache.h5"
+    pipe = make_pipeline(ImageEmbedder(**SETTINGS, cache=str(cache)),
+                         LogisticRegression(max_iter=200))
+    GridSearchCV(pipe, {"logisticregression__C": [0.1, 1.0]}, cv=3).fit(paths, y)
+    assert counted["images"] == len(paths)
+    assert FeatureStore(cache).info()["n_rows"] == len(paths)
+    in_store = ImageEmbedder(**SETTINGS, cache=str(cache)).fit(paths).transform(paths)
+    clear_caches(backbones=False)  # as a new process would start: no features in memory
+    again = ImageEmbedder(**SETTINGS, cache=str(cache)).fit(paths).transform(paths[::-1])
+    assert counted["images"] == len(paths)
+    np.testing.assert_array_equal(again[::-1], in_store)
+    clear_caches(backbones=False)
+    in_memory = ImageEmbedder(**SETTINGS).fit(paths).transform(paths)
+    np.testing.assert_allclose(in_memory, in_store, rtol=1e-5, atol=1e-6)
+
+
+def test_arrays_are_content_addressed(counted):
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, size=(4, 20, 20, 3), dtype=np.uint8)
+    b = np.concatenate([a[2:], rng.integers(0, 256, size=(2, 20, 20, 3), dtype=np.uint8)])
+    emb = ImageEmbedder(**SETTINGS).fit(a)
+    fa = emb.transform(np.concatenate([a, a[:1]]))
+    assert counted["images"] == 4
+    np.testing.assert_array_equal(fa[4], fa[0])
+    fb = emb.transform(b)  # two rows seen before, two new ones
+    assert counted["images"] == 6
+    np.testing.assert_array_equal(fb[:2], fa[2:4])
+    assert not np.array_equal(fb[2], fb[3])
+
+
+def test_float16_dtype_rounds_like_the_store(two_classes):
+    paths, _ = two_classes
+    f32 = ImageEmbedder(**SETTINGS).fit(paths).transform(paths)
+    f16 = ImageEmbedder(**SETTINGS, dtype="float16").fit(paths).transform(paths)
+    assert f16.dtype == np.float32
+    np.testing.assert_array_equal(f16, f32.astype(np.float16).astype(np.float32))
+
+
+# --------------------------------------------------------------------------- pickling
+
+
+def test_pickle_carries_spec_not_weights(two_classes, counted):
+    paths, y = two_classes
+    emb = ImageEmbedder(**SETTINGS).fit(paths)
+    before = emb.transform(paths)
+    blob = pickle.dumps(emb)
+    assert len(blob) < 100_000
+    copy = pickle.loads(blob)
+    assert "backbone_" not in vars(copy) and copy.key_ == emb.key_
+    clear_caches()  # no shared features or network: the copy must rebuild from its spec
+    np.testing.assert_allclose(copy.transform(paths), before, rtol=1e-5, atol=1e-6)
+    assert "backbone_" in vars(copy)
+    assert clone(emb).get_params() == emb.get_params()
+    pipe = make_pipeline(ImageEmbedder(**SETTINGS), LogisticRegression(max_iter=200))
+    pipe.fit(paths, y)
+    assert len(pickle.dumps(pipe)) < 100_000
+
+
+# --------------------------------------------------------------------------- bad images
+
+
+def test_skip_fills_zeros_warns_and_records(mixed_folder):
+    root, expected = mixed_folder
+    bad_names = {name for name, why in expected.items() if why}
+    emb = ImageEmbedder(**SETTINGS).fit(root)
+    with pytest.warns(FeaturePipeWarning, match="could not be embedded") as record:
+        F = emb.transform(root)
+    assert "truncated" in str(record[0].message)
+    skipped = {Path(i).relative_to(root).as_posix(): r for i, r in emb.skipped_}
+    assert set(skipped) == bad_names
+    assert all(skipped[name].startswith(expected[name]) for name in bad_names)
+    mask = emb.valid_mask(root)
+    assert (~mask).sum() == len(bad_names)
+    assert not F[~mask].any() and F[mask].any(axis=1).all()
+
+
+def test_raise_names_every_bad_file(mixed_folder):
+    root, expected = mixed_folder
+    emb = ImageEmbedder(**SETTINGS, on_error="raise").fit(root)
+    with pytest.raises(DecodeError, match="and 2 more bad images") as info:
+        emb.transform(root)
+    for name, why in expected.items():
+        if why:
+            assert Path(name).name in str(info.value)
+
+
+def test_drop_bad_keeps_y_aligned_and_fit_embeds_nothing_new(mixed_folder, counted):
+    from featurepipe.sources import open_source
+
+    root, expected = mixed_folder
+    src = open_source(root)
+    paths = [s.path for s in src.samples]
+    pipe = make_pipeline(ImageEmbedder(**SETTINGS), LogisticRegression(max_iter=200))
+    X_ok, y_ok = drop_bad(paths, src.labels, pipe[0])
+    n_good = sum(why is None for why in expected.values())
+    assert len(X_ok) == len(y_ok) == n_good
+    kept = {Path(p).relative_to(root).as_posix() for p in X_ok}
+    assert all(expected[name] is None for name in kept)
+    assert y_ok.tolist() == [src.labels[paths.index(p)] for p in X_ok]
+    n = counted["images"]
+    pipe.fit(X_ok, y_ok)  # no warning: filterwarnings=error would fail the test
+    assert counted["images"] == n
+    arr = np.zeros((3, 8, 8), dtype=np.uint8)
+    assert drop_bad(arr, None, ImageEmbedder(**SETTINGS))[0].shape == (3, 8, 8)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def test_init_stores_params_and_fit_validates(two_classes):
+    paths, _ = two_classes
+    emb = ImageEmbedder(backbone="no-such-net", batch_size=0)  # nothing checked yet
+    assert emb.batch_size == 0
+    with pytest.raises(ConfigError, match="batch_size must be a positive integer; got 0"):
+        emb.fit(paths)
+    with pytest.raises(BackboneError):
+        ImageEmbedder(backbone="no-such-net").fit(paths)
+    with pytest.raises(ConfigError, match="dtype must be one of"):
+        ImageEmbedder(**SETTINGS, dtype="float64").fit(paths)
+    with pytest.raises(ConfigError, match=r"takes images.*shape \(5, 3\).*fit a classifier"):
+        ImageEmbedder(**SETTINGS).fit(np.zeros((5, 3)))
+    with pytest.raises(ConfigError, match="got a list holding int"):
+        ImageEmbedder(**SETTINGS).fit([1, 2])
+    emb = ImageEmbedder(**SETTINGS).fit(paths)
+    assert emb.get_feature_names_out()[0] == "imageembedder0"
+    assert emb.n_features_out_ == emb.feature_dim_ == len(emb.get_feature_names_out())
