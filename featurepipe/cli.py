@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from featurepipe.exceptions import FeaturePipeError
@@ -52,16 +52,35 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    from featurepipe.embed import embed
+    from featurepipe.exceptions import ConfigError
 
-    report = embed(
-        args.source, args.out, args.backbone, weights=args.weights, layer=args.layer,
-        image_size=args.image_size, batch_size=args.batch_size, workers=args.workers,
-        device=args.device, precision=args.precision, dtype=args.dtype,
-        on_error=args.on_error, content_hash=args.content_hash, progress=not args.quiet,
-        shard_size=args.shard_size, lock_timeout=args.lock_timeout, log=_say,
+    common: dict[str, Any] = dict(
+        weights=args.weights, layer=args.layer, image_size=args.image_size,
+        batch_size=args.batch_size, device=args.device, precision=args.precision,
+        dtype=args.dtype, on_error=args.on_error, content_hash=args.content_hash,
+        progress=not args.quiet, shard_size=args.shard_size, lock_timeout=args.lock_timeout,
+        log=_say,
         other_entries="replace" if args.replace else "keep" if args.add_entry else "error",
     )
+    if args.engine == "ray":
+        from featurepipe.engines.ray import embed_ray
+
+        if args.workers is not None:
+            raise ConfigError("--workers is for the local engine; with --engine ray each worker "
+                              "decodes its own batches (size the pool with --concurrency)")
+        report = embed_ray(args.source, args.out, args.backbone, address=args.address,
+                           concurrency=args.concurrency,
+                           gpus_per_worker=args.gpus_per_worker or 0.0, **common)
+    else:
+        from featurepipe.embed import embed
+
+        ray_only = [flag for flag, value in (("--address", args.address),
+                                             ("--concurrency", args.concurrency),
+                                             ("--gpus-per-worker", args.gpus_per_worker))
+                    if value is not None]
+        if ray_only:
+            raise ConfigError(f"{', '.join(ray_only)} need --engine ray")
+        report = embed(args.source, args.out, args.backbone, workers=args.workers, **common)
     if args.json:
         _print_json(report.to_dict())
         return 0
@@ -157,6 +176,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="drop features made with another spec from the store")
     group.add_argument("--add-entry", action="store_true",
                        help="keep features made with another spec beside the new ones")
+    p.add_argument("--engine", default="local", choices=["local", "ray"],
+                   help="local: this machine (default); ray: Ray Data actors on a Ray cluster "
+                        '(needs pip install "featurepipe[ray]"; see docs/ray.md)')
+    p.add_argument("--address", default=None,
+                   help="Ray cluster to join: auto, HOST:PORT or ray://HOST:PORT "
+                        "(default: start a local Ray instance for this run)")
+    p.add_argument("--concurrency", type=int, default=None,
+                   help="Ray embedding workers (default: one per CPU, or per GPU share)")
+    p.add_argument("--gpus-per-worker", type=float, default=None,
+                   help="GPUs per Ray worker, fractions share a GPU (default: 0, CPU workers)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_embed)
@@ -177,13 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_demo)
 
-    for register in _EXTRA_COMMANDS:
-        register(sub)
+    from featurepipe import cli_heads
+
+    cli_heads.register(sub)
+    from featurepipe import cli_compare
+
+    cli_compare.register(sub)
     return parser
-
-
-#: Other modules register their subcommands here (fit/predict, finetune, compare ...).
-_EXTRA_COMMANDS: list[Callable[[Any], None]] = []
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -26,7 +26,7 @@ from featurepipe.backbones import Backbone, BackboneSpec, load_backbone, resolve
 from featurepipe.decode import DecodePolicy
 from featurepipe.exceptions import ConfigError, DecodeError, SpecMismatchError
 from featurepipe.sources import ImageSource, open_source
-from featurepipe.store import FEATURE_FORMAT_VERSION, FeatureStore, entry_key
+from featurepipe.store import FEATURE_FORMAT_VERSION, FeatureStore, StoreWriter, entry_key
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 FEATURE_DTYPES = ("float16", "float32")
@@ -76,7 +76,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     except RuntimeError as exc:
         raise ConfigError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+        raise ConfigError(
+            f"device {device!r} requested but CUDA is not available; use --device cpu")
     return dev
 
 
@@ -233,8 +234,9 @@ class _SourceDataset(Dataset):
         return i, torch.zeros(3, *self.input_size), reason
 
 
-def _collate(batch: list[tuple[int, torch.Tensor, str]]) -> tuple[list[int], torch.Tensor, list[str]]:
-    idx, tensors, reasons = zip(*batch)
+def _collate(batch: list[tuple[int, torch.Tensor, str]]
+             ) -> tuple[list[int], torch.Tensor, list[str]]:
+    idx, tensors, reasons = zip(*batch, strict=True)
     return list(idx), torch.stack(tensors), list(reasons)
 
 
@@ -365,17 +367,115 @@ def embed(
     """
     _validate(batch_size, dtype, on_error, workers)
     t0 = time.perf_counter()
+    dev = resolve_device(device)
+    prec = resolve_precision(precision, dev)
+    n_workers = default_workers(dev) if workers is None else workers
+
+    def compute(job: EmbedJob, shards: list[tuple[str, list[int]]], writer: StoreWriter) -> None:
+        _run_shards(job, shards, writer, n_workers, progress)
+
+    return run_embed(
+        source, store, backbone, compute, device=dev, precision=prec, weights=weights,
+        layer=layer, image_size=image_size, labels=labels, batch_size=batch_size, dtype=dtype,
+        on_error=on_error, decode_policy=decode_policy, content_hash=content_hash,
+        drop_missing=drop_missing, shard_size=shard_size, lock_timeout=lock_timeout,
+        other_entries=other_entries, loaded_backbone=loaded_backbone, log=log, t0=t0,
+    )
+
+
+# --------------------------------------------------------------------------- shared steps
+
+
+@dataclass
+class EmbedJob:
+    """What an engine's compute step needs: the planned source, the model and the settings.
+
+    Built by :func:`run_embed` once the store has been planned; the same object drives the local
+    DataLoader loop and the Ray workers, so both decode, batch and cast in exactly the same way.
+    """
+
+    source: ImageSource
+    backbone: Backbone
+    policy: DecodePolicy
+    device: torch.device
+    precision: str
+    dtype: str
+    batch_size: int
+    on_error: str
+    ids: list[str]
+    fps: list[str]
+
+    @property
+    def np_dtype(self) -> type:
+        """The numpy type features are stored as."""
+        return np.float16 if self.dtype == "float16" else np.float32
+
+    def dataset(self, indices: Sequence[int]) -> _SourceDataset:
+        """Decode + preprocess of the given source indices, with the backbone's own transform."""
+        pre = self.backbone.preprocess
+        return _SourceDataset(self.source, indices, pre.eval_transform(), self.policy,
+                              pre.input_size,
+                              pre.resize_size if self.policy.reduce_on_load else None)
+
+
+#: An engine's compute step: embed the pending shards of a job, writing each through the writer.
+ComputeShards = Callable[[EmbedJob, list[tuple[str, list[int]]], StoreWriter], None]
+
+
+def default_shard_size(batch_size: int) -> int:
+    """About 1024 rows, a whole number of batches (so batches never cross a shard)."""
+    return max(batch_size, 1024 // batch_size * batch_size)
+
+
+def shard_batches(shards: Sequence[tuple[str, Sequence[int]]], batch_size: int
+                  ) -> list[tuple[str, list[int]]]:
+    """The batches :class:`_ShardBatchSampler` makes, as ``(shard name, source indices)``."""
+    return [(name, list(part[start:start + batch_size]))
+            for name, part in shards for start in range(0, len(part), batch_size)]
+
+
+def run_embed(
+    source: Any,
+    store: str | os.PathLike | FeatureStore,
+    backbone: str | BackboneSpec,
+    compute: ComputeShards,
+    *,
+    device: torch.device,
+    precision: str,
+    weights: str | None = None,
+    layer: str | None = None,
+    image_size: int | None = None,
+    labels: Sequence | None = None,
+    batch_size: int = 64,
+    dtype: str = "float16",
+    on_error: str = "skip",
+    decode_policy: DecodePolicy | None = None,
+    content_hash: bool = False,
+    drop_missing: bool = True,
+    shard_size: int | None = None,
+    lock_timeout: float = 3600.0,
+    other_entries: str = "keep",
+    loaded_backbone: Backbone | None = None,
+    log: Callable[[str], None] | None = None,
+    t0: float | None = None,
+) -> EmbedReport:
+    """Plan against the store, run ``compute`` on the missing shards, commit, report.
+
+    Every engine goes through here, so they share the entry key, the shard plan (names and
+    boundaries) and the commit: a store made by one engine is re-used by the other, and a killed
+    run of either resumes from the shards already on disk. ``device`` and ``precision`` are the
+    resolved values the workers will use (they go into the key and the attributes).
+    """
+    t0 = time.perf_counter() if t0 is None else t0
     say = log or (lambda _msg: None)
     src = open_source(source, labels=labels)
     policy = decode_policy or DecodePolicy()
-    dev = resolve_device(device)
-    prec = resolve_precision(precision, dev)
     if loaded_backbone is None:
         spec = backbone if isinstance(backbone, BackboneSpec) else resolve_spec(
             backbone, weights=weights, layer=layer, image_size=image_size)
         loaded_backbone = load_backbone(spec)
     bb = loaded_backbone
-    parts = key_parts(bb, policy, prec, dtype)
+    parts = key_parts(bb, policy, precision, dtype)
     key = entry_key(parts)
     fs = store if isinstance(store, FeatureStore) else FeatureStore(store)
     if other_entries not in ("keep", "error", "replace"):
@@ -385,21 +485,21 @@ def embed(
 
     ids = [s.id for s in src.samples]
     fps = [src.fingerprint(i, content_hash=content_hash) for i in range(len(src))]
-    with fs.writer(key, store_attrs(parts, bb, dev), lock_timeout=lock_timeout,
+    with fs.writer(key, store_attrs(parts, bb, device), lock_timeout=lock_timeout,
                    on_wait=say) as writer:
         done = writer.existing()
         done_skipped = writer.existing_skipped()
         todo = [i for i in range(len(src))
                 if done.get(ids[i]) != fps[i]
                 and done_skipped.get(ids[i], ("", ""))[0] != fps[i]]
-        size = shard_size or max(batch_size, 1024 // batch_size * batch_size)
+        size = shard_size or default_shard_size(batch_size)
         shards = [(name, part) for name, part in plan_shards(todo, ids, fps, size)
                   if not writer.shard_done(name)]
         n_pending = sum(len(p) for _, p in shards)
         if n_pending:
-            _run_shards(src, shards, writer, bb, dev, prec, policy, batch_size,
-                        default_workers(dev) if workers is None else workers,
-                        on_error, ids, fps, dtype, progress)
+            job = EmbedJob(src, bb, policy, device, precision, dtype, batch_size, on_error,
+                           ids, fps)
+            compute(job, shards, writer)
         order = [(ids[i], fps[i], int(src.samples[i].label)) for i in range(len(src))]
         result = writer.commit(order, src.class_names, drop_missing=drop_missing,
                                drop_other_entries=other_entries == "replace")
@@ -411,50 +511,85 @@ def embed(
         n_skipped=result.n_skipped, n_dropped=result.n_dropped,
         skipped=[(d["id"], d["reason"]) for d in info["skipped"]],
         seconds=seconds, images_per_second=n_pending / seconds if n_pending else 0.0,
-        device=str(dev), precision=prec,
+        device=str(device), precision=precision,
     )
 
 
-def _run_shards(src: ImageSource, shards: list[tuple[str, list[int]]], writer: Any, bb: Backbone,
-                dev: torch.device, prec: str, policy: DecodePolicy, batch_size: int, workers: int,
-                on_error: str, ids: list[str], fps: list[str], dtype: str, progress: bool) -> None:
+class ShardCollector:
+    """Gathers per-image results in any order; writes each shard once its last image is in.
+
+    The local engine feeds it batch by batch in shard order, the Ray engine in whatever order the
+    workers finish. Either way a shard file holds exactly the rows of its slice of the plan.
+    """
+
+    def __init__(self, job: EmbedJob, shards: list[tuple[str, list[int]]],
+                 writer: StoreWriter) -> None:
+        self.job, self.writer = job, writer
+        self._parts = dict(shards)
+        self._left = {name: len(part) for name, part in shards}
+        self._shard_of = {i: name for name, part in shards for i in part}
+        self._feats: dict[int, np.ndarray] = {}
+        self._bad: dict[int, str] = {}
+
+    @property
+    def pending(self) -> list[str]:
+        """Shards not written yet."""
+        return [name for name, left in self._left.items() if left]
+
+    def add(self, indices: Sequence[int], reasons: Sequence[str], features: np.ndarray) -> None:
+        """Record one batch: ``features`` holds the rows of the indices whose reason is empty.
+
+        Raises
+        ------
+        DecodeError
+            For the first bad file of the batch when ``on_error="raise"``.
+        """
+        job = self.job
+        for i, r in zip(indices, reasons, strict=True):
+            if r and job.on_error == "raise":
+                raise DecodeError(job.source.samples[i].path or job.ids[i], r)
+        good = iter(features)
+        for i, r in zip(indices, reasons, strict=True):
+            if r:
+                self._bad[i] = r
+            else:
+                self._feats[i] = next(good).astype(job.np_dtype)
+        for name in dict.fromkeys(self._shard_of[i] for i in indices):
+            self._left[name] -= sum(1 for i in indices if self._shard_of[i] == name)
+            if self._left[name] == 0:
+                _write_shard(self.writer, name, self._parts[name], self._feats, self._bad,
+                             job.ids, job.fps, job.backbone.feature_dim, job.np_dtype)
+
+
+def forward_good(model: torch.nn.Module, x: torch.Tensor, reasons: Sequence[str],
+                 device: torch.device, precision: str) -> np.ndarray:
+    """Features of the images that decoded; bad ones are left out of the batch (every engine)."""
+    good = [k for k, r in enumerate(reasons) if not r]
+    if not good:
+        return np.zeros((0, 0), dtype=np.float32)
+    return forward_features(model, x[good], device, precision).numpy()
+
+
+def _run_shards(job: EmbedJob, shards: list[tuple[str, list[int]]], writer: StoreWriter,
+                workers: int, progress: bool) -> None:
     """Stream batches through the model; write each shard the moment its last batch is done."""
     from tqdm.auto import tqdm
 
     flat = [i for _, part in shards for i in part]
-    pre = bb.preprocess
-    dataset = _SourceDataset(src, flat, pre.eval_transform(), policy, tuple(pre.input_size),
-                             pre.resize_size if policy.reduce_on_load else None)
+    dev = job.device
     loader = DataLoader(
-        dataset, batch_sampler=_ShardBatchSampler(shards, batch_size), num_workers=workers,
-        collate_fn=_collate, pin_memory=dev.type == "cuda",
+        job.dataset(flat), batch_sampler=_ShardBatchSampler(shards, job.batch_size),
+        num_workers=workers, collate_fn=_collate, pin_memory=dev.type == "cuda",
         persistent_workers=False, prefetch_factor=4 if workers else None,
     )
-    model = prepare_model(bb, dev)
-    np_dtype = np.float16 if dtype == "float16" else np.float32
-    shard_iter = iter(shards)
-    name, part = next(shard_iter)
-    feats: dict[int, np.ndarray] = {}
-    bad: dict[int, str] = {}
+    model = prepare_model(job.backbone, dev)
+    collector = ShardCollector(job, shards, writer)
     bar = tqdm(total=len(flat), unit="img", disable=not progress, dynamic_ncols=True,
-               desc=f"embed {bb.spec.name}")
+               desc=f"embed {job.backbone.spec.name}")
     try:
         for idx, x, reasons in loader:
-            good = [k for k, r in enumerate(reasons) if not r]
-            for k, r in enumerate(reasons):
-                if r:
-                    if on_error == "raise":
-                        raise DecodeError(src.samples[idx[k]].path or ids[idx[k]], r)
-                    bad[idx[k]] = r
-            if good:
-                out = forward_features(model, x[good], dev, prec).numpy()
-                for row, k in enumerate(good):
-                    feats[idx[k]] = out[row].astype(np_dtype)
+            collector.add(idx, reasons, forward_good(model, x, reasons, dev, job.precision))
             bar.update(len(idx))
-            while part is not None and all(i in feats or i in bad for i in part):
-                _write_shard(writer, name, part, feats, bad, ids, fps, bb.feature_dim, np_dtype)
-                nxt = next(shard_iter, None)
-                name, part = nxt if nxt else (None, None)
     finally:
         bar.close()
 
