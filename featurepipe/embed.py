@@ -22,7 +22,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from featurepipe.backbones import Backbone, BackboneSpec, load_backbone, resolve_spec
+from featurepipe.backbones import (
+    Backbone,
+    BackboneDescription,
+    BackboneSpec,
+    describe_backbone,
+    load_backbone,
+    resolve_spec,
+)
 from featurepipe.decode import DecodePolicy
 from featurepipe.exceptions import ConfigError, DecodeError, SpecMismatchError
 from featurepipe.sources import ImageSource, open_source
@@ -128,7 +135,8 @@ def default_workers(device: torch.device) -> int:
 # --------------------------------------------------------------------------- key and attrs
 
 
-def key_parts(backbone: Backbone, policy: DecodePolicy, precision: str, dtype: str) -> dict:
+def key_parts(backbone: Backbone | BackboneDescription, policy: DecodePolicy, precision: str,
+              dtype: str) -> dict:
     """Everything that changes a feature value; hashed into the store's entry key."""
     return {
         "backbone": backbone.spec.name,
@@ -144,32 +152,24 @@ def key_parts(backbone: Backbone, policy: DecodePolicy, precision: str, dtype: s
 
 
 def library_versions() -> dict[str, str]:
-    import h5py
-    import PIL
-    import sklearn
-    import timm
-    import torchvision
+    """Versions recorded with every store entry (read from package metadata: no heavy imports)."""
+    from importlib import metadata
 
-    import featurepipe
-
-    return {
-        "featurepipe": featurepipe.__version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "timm": timm.__version__,
-        "numpy": np.__version__,
-        "h5py": h5py.__version__,
-        "pillow": PIL.__version__,
-        "scikit-learn": sklearn.__version__,
-    }
+    versions = {"python": platform.python_version()}
+    for dist in ("featurepipe", "torch", "torchvision", "timm", "numpy", "h5py", "pillow",
+                 "scikit-learn"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = "not installed"
+    return versions
 
 
-def store_attrs(parts: dict, backbone: Backbone, device: torch.device) -> dict:
+def store_attrs(parts: dict, dim: int | None, device: torch.device) -> dict:
     """Readable attributes for the store entry: the key's parts plus provenance."""
     return {
         **parts,
-        "dim": backbone.feature_dim,
+        "dim": dim,
         "device": str(device),
         "versions": library_versions(),
     }
@@ -470,12 +470,15 @@ def run_embed(
     say = log or (lambda _msg: None)
     src = open_source(source, labels=labels)
     policy = decode_policy or DecodePolicy()
+    # The key needs only the weights hash and preprocessing: a cached rerun never builds the net.
+    desc: Backbone | BackboneDescription
     if loaded_backbone is None:
         spec = backbone if isinstance(backbone, BackboneSpec) else resolve_spec(
             backbone, weights=weights, layer=layer, image_size=image_size)
-        loaded_backbone = load_backbone(spec)
-    bb = loaded_backbone
-    parts = key_parts(bb, policy, precision, dtype)
+        desc = describe_backbone(spec)
+    else:
+        desc = loaded_backbone
+    parts = key_parts(desc, policy, precision, dtype)
     key = entry_key(parts)
     fs = store if isinstance(store, FeatureStore) else FeatureStore(store)
     if other_entries not in ("keep", "error", "replace"):
@@ -485,7 +488,7 @@ def run_embed(
 
     ids = [s.id for s in src.samples]
     fps = [src.fingerprint(i, content_hash=content_hash) for i in range(len(src))]
-    with fs.writer(key, store_attrs(parts, bb, device), lock_timeout=lock_timeout,
+    with fs.writer(key, store_attrs(parts, desc.feature_dim, device), lock_timeout=lock_timeout,
                    on_wait=say) as writer:
         done = writer.existing()
         done_skipped = writer.existing_skipped()
@@ -497,6 +500,8 @@ def run_embed(
                   if not writer.shard_done(name)]
         n_pending = sum(len(p) for _, p in shards)
         if n_pending:
+            bb = loaded_backbone or load_backbone(desc.spec)
+            writer.attrs["dim"] = bb.feature_dim
             job = EmbedJob(src, bb, policy, device, precision, dtype, batch_size, on_error,
                            ids, fps)
             compute(job, shards, writer)
@@ -506,7 +511,7 @@ def run_embed(
     info = fs.info(key)
     seconds = time.perf_counter() - t0
     return EmbedReport(
-        store=str(fs.path), key=key, backbone=bb.spec.name, n_total=len(src),
+        store=str(fs.path), key=key, backbone=desc.spec.name, n_total=len(src),
         n_rows=result.n_rows, n_computed=n_pending, n_reused=result.n_reused,
         n_skipped=result.n_skipped, n_dropped=result.n_dropped,
         skipped=[(d["id"], d["reason"]) for d in info["skipped"]],

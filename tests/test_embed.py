@@ -222,3 +222,17 @@ def test_copied_store_is_reused(tmp_path):
     embed(root, tmp_path / "s.h5", **_fp32())
     shutil.copy(tmp_path / "s.h5", tmp_path / "t.h5")
     assert embed(root, tmp_path / "t.h5", **_fp32()).n_computed == 0
+
+
+def test_cached_rerun_never_builds_the_network(tmp_path, monkeypatch):
+    root = tmp_path / "photos"
+    write_good_images(root / "a", 3, seed=1)
+    write_good_images(root / "b", 3, seed=2)
+    first = embed(root, tmp_path / "s.h5", **_fp32())
+
+    def refuse(*_a, **_k):
+        raise AssertionError("a cached rerun must not load the backbone")
+
+    monkeypatch.setattr("featurepipe.embed.load_backbone", refuse)
+    again = embed(root, tmp_path / "s.h5", **_fp32())
+    assert (again.key, again.n_computed, again.n_rows) == (first.key, 0, 6)
