@@ -236,7 +236,7 @@ def test_loss_falls_and_separable_set_is_learned(reference: FineTuneClassifier) 
     assert proba.shape == (5, 2)
     np.testing.assert_allclose(proba.sum(1), 1.0, rtol=1e-5)
     assert set(h[0]) == {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lrs",
-                         "seconds", "n_trainable"}
+                         "seconds", "train_seconds", "n_trainable"}
     assert reference.n_train_ == 18 and reference.n_val_ == 6
 
 

@@ -213,7 +213,7 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
                     f"cannot resume from {self.checkpoint_dir}: the training images or labels "
                     "differ from the checkpoint's; use the same data, or resume=False to start over"
                 )
-            model.to(device)
+            model.to(device, memory_format=torch.channels_last)
             trainer = self._make_trainer(model, bb, source, codes, data, device, precision, seed)
             if ckpt is not None:
                 trainer.load_state_dict(ckpt["trainer"])
@@ -393,7 +393,7 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
     def decision_function(self, X: Any) -> np.ndarray:
         """Logits ``(n_images, n_classes)``; eval preprocessing of the weights. Bad images raise."""
         from featurepipe.decode import DecodePolicy
-        from featurepipe.finetune.loop import autocast_context
+        from featurepipe.finetune.loop import autocast_context, to_device
         from featurepipe.sources import open_source
 
         check_is_fitted(self, "model_")
@@ -411,7 +411,7 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         out = []
         for x, _ in DataLoader(ds, batch_size=self.batch_size, num_workers=self.num_workers):
             with autocast_context(device, precision):
-                out.append(self.model_(x.to(device)).float().cpu())
+                out.append(self.model_(to_device(x, device)).float().cpu())
         return torch.cat(out).numpy() if out else np.zeros((0, self.n_classes_), np.float32)
 
     def predict_proba(self, X: Any) -> np.ndarray:
