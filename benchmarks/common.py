@@ -1,4 +1,4 @@
-"""Shared helpers for the benchmark scripts: a photo-like image folder, machine facts, result files."""
+"""Shared helpers for the benchmarks: a photo-like image folder, machine facts, result files."""
 
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ def make_photo_folder(root: str | os.PathLike, n: int, *, size: tuple[int, int] 
     from PIL import Image
     from skimage import data
 
-    photos = [data.chelsea(), data.astronaut(), data.coffee(), data.rocket(), data.immunohistochemistry()]
+    photos = [data.chelsea(), data.astronaut(), data.coffee(), data.rocket(),
+              data.immunohistochemistry()]
     photos = [Image.fromarray(p).convert("RGB") for p in photos]
     rng = np.random.default_rng(seed)
     root = Path(root)

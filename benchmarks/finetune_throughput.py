@@ -46,7 +46,8 @@ def main() -> None:
     ap.add_argument("--backbone", default="efficientnet_lite0")
     ap.add_argument("--strategies", default="head,full")
     ap.add_argument("--precisions", default="fp32,auto")
-    ap.add_argument("--epochs", type=int, default=2, help="the last epoch is timed (first warms up)")
+    ap.add_argument("--epochs", type=int, default=2,
+                    help="the last epoch is timed (earlier ones warm up)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--image-size", type=int, default=None)
     ap.add_argument("--workers", type=int, default=1)

@@ -26,7 +26,8 @@ t = time.perf_counter()
 code = main(sys.argv[1:])
 self_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 kids_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-print("RESULT " + json.dumps({"code": code, "self_mb": self_kb / 1024, "workers_max_mb": kids_kb / 1024,
+print("RESULT " + json.dumps({"code": code, "self_mb": self_kb / 1024,
+                             "workers_max_mb": kids_kb / 1024,
                              "seconds": time.perf_counter() - t}))
 """
 
@@ -64,7 +65,8 @@ def main() -> None:
         print(rows[-1], flush=True)
     growth = rows[-1]["peak_mb"] - rows[0]["peak_mb"]
     md = (f"# Peak memory of `featurepipe embed` ({' vs '.join(map(str, sizes))} JPEG files)\n\n"
-          + markdown_table(rows, ["n_images", "peak_mb", "self_mb", "workers_max_mb", "seconds", "img_s"])
+          + markdown_table(rows, ["n_images", "peak_mb", "self_mb", "workers_max_mb", "seconds",
+                                  "img_s"])
           + f"\n\nGrowth from {sizes[0]} to {sizes[-1]} images: {growth:.0f} MB "
           "(target: within 300 MB). Default backbone efficientnet_lite0, "
           f"crop {args.image_size or 224}, batch {args.batch_size}, 160x120 JPEG files.")

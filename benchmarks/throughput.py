@@ -1,17 +1,18 @@
-"""Embedding throughput from JPEG files on disk: featurepipe vs the naive tutorial loop vs the ceiling.
+"""Embedding throughput from JPEG files: featurepipe vs the naive tutorial loop vs the ceiling.
 
 For each backbone, in one run, at the same resolution and batch size:
 
 - naive: ``torchvision.datasets.ImageFolder`` + ``DataLoader`` (defaults) + fp32 NCHW model under
   ``torch.no_grad`` -- the loop most tutorials show;
-- featurepipe: ``featurepipe.embed`` end to end into a fresh HDF5 store (backbone load, fingerprints,
-  decode workers, autocast, channels_last, store commit all included);
+- featurepipe: ``featurepipe.embed`` end to end into a fresh HDF5 store (backbone load,
+  fingerprints, decode workers, autocast, channels_last, store commit all included);
 - ceiling: the forward pass alone on random tensors already in memory, same precision and layout;
 - cache: the same ``embed`` call again (everything re-used).
 
 Features are compared with the naive fp32 ones (cosine similarity per image).
 
-    python benchmarks/throughput.py --n-images 1024 --backbones efficientnet_lite0,torchvision:resnet50
+    python -m benchmarks.throughput --n-images 1024 \
+        --backbones efficientnet_lite0,torchvision:resnet50
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def naive_loop(root: Path, name: str, weights: str | None, batch_size: int) -> t
     seconds = time.perf_counter() - t0
     feats = torch.cat(outs).numpy()
     ids = [Path(path).relative_to(root).as_posix() for path, _ in ds.samples]
-    return seconds, dict(zip(ids, feats))
+    return seconds, dict(zip(ids, feats, strict=True))
 
 
 def ceiling(name: str, weights: str | None, batch_size: int, n: int, precision: str) -> float:
@@ -127,9 +128,11 @@ def main() -> None:
             shutil.rmtree(tmp, ignore_errors=True)
     cols = ["backbone", "weights", "precision", "naive_img_s", "featurepipe_img_s", "ceiling_img_s",
             "speedup_vs_naive", "fraction_of_ceiling", "cache_speedup", "cosine_min"]
-    md = (f"# Embedding throughput ({args.n_images} JPEG files, 500x375, batch {args.batch_size})\n\n"
+    md = (f"# Embedding throughput ({args.n_images} JPEG files, 500x375, "
+          f"batch {args.batch_size})\n\n"
           + markdown_table(rows, cols)
-          + "\n\nnaive = ImageFolder + DataLoader + fp32 NCHW model; ceiling = forward pass alone on "
+          + "\n\nnaive = ImageFolder + DataLoader + fp32 NCHW model; ceiling = forward pass "
+            "alone on "
             "in-memory random tensors at featurepipe's precision; cosine = featurepipe features vs "
             "naive fp32 features of the same files.")
     write_results(args.name, {"machine": machine(), "args": vars(args), "rows": rows}, md)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,7 +26,7 @@ def _say(msg: str) -> None:
     print(msg, file=sys.stderr)
 
 
-# --------------------------------------------------------------------------- embed / inspect / models
+# ---------------------------------------------------------------- embed / inspect / models
 
 
 def _add_backbone_args(p: argparse.ArgumentParser) -> None:
@@ -215,7 +216,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _format_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                    line: str | None = None) -> str:
+    """featurepipe's own warnings read as one line; others keep Python's format."""
+    from featurepipe.exceptions import FeaturePipeWarning
+
+    if issubclass(category, FeaturePipeWarning):
+        return f"featurepipe: warning: {message}\n"
+    return _python_format_warning(message, category, filename, lineno, line)
+
+
+_python_format_warning = warnings.formatwarning
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    warnings.formatwarning = _format_warning
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

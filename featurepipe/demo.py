@@ -69,7 +69,8 @@ def run_demo(
     t = time.perf_counter()
     raw = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
     raw.fit(pixels[train], y[train])
-    rows.append({"model": "raw pixels + logistic regression", "accuracy": raw.score(pixels[test], y[test]),
+    rows.append({"model": "raw pixels + logistic regression",
+                 "accuracy": raw.score(pixels[test], y[test]),
                  "fit_seconds": time.perf_counter() - t})
     for head in heads:
         fitted, info = fit_head(make_head(head), feats.features[train], y[train])

@@ -2,7 +2,8 @@
 
 Every error the library raises on purpose derives from :class:`FeaturePipeError`, so the CLI can
 catch it and print one clear line. Each specific error also subclasses the builtin a Python user
-would expect (``ValueError``, ``OSError``, ``ImportError`` ...), so ``except ValueError`` keeps working.
+would expect (``ValueError``, ``OSError``, ``ImportError`` ...), so ``except ValueError`` keeps
+working.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ class ConfigError(FeaturePipeError, ValueError):
 
 
 class SourceError(FeaturePipeError, ValueError):
-    """An image source cannot be read: missing path, empty folder, malformed manifest or IDX file."""
+    """An image source cannot be read: missing path, empty folder, bad manifest or IDX file."""
 
 
 class DecodeError(FeaturePipeError, OSError):
@@ -50,4 +51,4 @@ class MissingDependencyError(FeaturePipeError, ImportError):
 
 
 class FeaturePipeWarning(UserWarning):
-    """Something was adjusted or skipped on the user's behalf (CV folds reduced, files skipped ...)."""
+    """Something was adjusted or skipped on the user's behalf (CV folds reduced, files skipped)."""

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-#: A tiny random timm network: fast on CPU, deterministic, no download. Used where weights don't matter.
+#: A tiny random timm network: fast, deterministic, no download (weights don't matter).
 TINY = {"backbone": "timm:test_efficientnet", "weights": "random", "image_size": 32}
 
 
@@ -33,7 +33,7 @@ def write_good_images(
 
 
 def write_odd_images(folder: Path, seed: int = 1) -> dict[str, str | None]:
-    """Odd-but-valid and broken files. Returns file name -> expected skip reason prefix (None = good)."""
+    """Odd-but-valid and broken files: file name -> expected skip reason prefix (None = good)."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     expected: dict[str, str | None] = {}
