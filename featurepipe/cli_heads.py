@@ -311,7 +311,8 @@ def _expand(items: list[str]) -> tuple[list[str], list[str]]:
 def _load(args: argparse.Namespace) -> Any:
     from featurepipe.model import load_model
 
-    return load_model(args.model, device=args.device, batch_size=args.batch_size,
+    return load_model(args.model, device=args.device, precision=args.precision,
+                      batch_size=args.batch_size,
                       workers=args.workers, cache=args.cache, progress=False)
 
 
@@ -371,6 +372,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto = bf16 where the hardware has it; fp32 = exact mode")
     p.add_argument("--workers", type=int, default=None, help="decode workers (default: auto)")
     p.add_argument("--cache", default=None,
                    help="HDF5 store to cache the new images' features in (default: none)")
@@ -399,14 +402,16 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("predict", help="classify image files with a saved model")
-    p.add_argument("model", help="model file from `featurepipe fit`")
+    p.add_argument("model", help="model file from `featurepipe fit`, or a `featurepipe finetune` "
+                                 "output folder")
     p.add_argument("images", nargs="+", help="image files and/or folders")
     p.add_argument("--top-k", type=int, default=3)
     _add_model_args(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("evaluate", help="score a saved model on a labelled folder or manifest")
-    p.add_argument("model", help="model file from `featurepipe fit`")
+    p.add_argument("model", help="model file from `featurepipe fit`, or a `featurepipe finetune` "
+                                 "output folder")
     p.add_argument("source", help="class-per-subfolder folder or CSV manifest with labels")
     p.add_argument("--plots", default=None, help="folder for a confusion-matrix PNG")
     _add_model_args(p)

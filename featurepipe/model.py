@@ -422,7 +422,8 @@ def load_model(path: str | os.PathLike, *, trusted: Sequence[str] = (),
     Parameters
     ----------
     path : str or PathLike
-        A ``.joblib`` (pickle: runs code from the file) or ``.skops`` file.
+        A ``.joblib`` (pickle: runs code from the file) or ``.skops`` file, or a folder written
+        by ``featurepipe finetune`` (served by :mod:`featurepipe.finetuned`).
     trusted : sequence of str
         Extra type names to trust in a ``.skops`` file, beyond :data:`SKOPS_TRUSTED`.
     **embed_options
@@ -438,6 +439,10 @@ def load_model(path: str | os.PathLike, *, trusted: Sequence[str] = (),
         When a package in :data:`CHECKED_PACKAGES` differs from the version that saved the file.
     """
     path = os.fspath(path)
+    if os.path.isdir(path):  # `featurepipe finetune --out DIR` output, or its model/ export
+        from featurepipe.finetuned import load_finetuned
+
+        return load_finetuned(path, **embed_options)
     if not os.path.isfile(path):
         raise ConfigError(f"no model file at {path}; write one with `featurepipe fit ... --out`")
     try:
