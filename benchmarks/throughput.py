@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from benchmarks.common import machine, make_photo_folder, write_results
-from featurepipe import embed as fp_embed
+import featurepipe.embed as fp_embed
 from featurepipe.backbones import load_backbone, resolve_spec
 from featurepipe.report import markdown_table
 from featurepipe.store import FeatureStore

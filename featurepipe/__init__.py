@@ -50,7 +50,9 @@ from featurepipe.exceptions import (
 
 __version__ = "0.1.0"
 
-#: public name -> module that defines it (imported on first access)
+#: public name -> module that defines it (imported on first access). Functions named like their
+#: module (embed, compare, finetune) are not re-exported: the name would shadow the submodule.
+#: Use ``from featurepipe.embed import embed`` and so on.
 _LAZY = {
     "BackboneSpec": "featurepipe.backbones",
     "DecodePolicy": "featurepipe.decode",
@@ -64,9 +66,6 @@ _LAZY = {
     "ImageSource": "featurepipe.sources",
     "OutOfCoreSGDClassifier": "featurepipe.heads",
     "PreprocessSpec": "featurepipe.backbones",
-    "compare": "featurepipe.compare",
-    "embed": "featurepipe.embed",
-    "finetune": "featurepipe.finetune",
     "fit_head": "featurepipe.heads",
     "list_backbones": "featurepipe.backbones",
     "load_backbone": "featurepipe.backbones",

@@ -27,3 +27,13 @@ def test_unknown_attribute_is_an_attribute_error():
         assert "no_such_thing" in str(exc)
     else:
         raise AssertionError("expected AttributeError")
+
+
+def test_public_names_never_shadow_submodules():
+    import importlib
+    import pkgutil
+
+    submodules = {m.name for m in pkgutil.iter_modules(featurepipe.__path__)}
+    assert not submodules & set(featurepipe.__all__)
+    engine = importlib.import_module("featurepipe.embed")
+    assert featurepipe.embed is engine
