@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from benchmarks.common import machine, make_photo_folder, write_results
 import featurepipe.embed as fp_embed
+from benchmarks.common import machine, make_photo_folder, write_results
 from featurepipe.backbones import load_backbone, resolve_spec
 from featurepipe.report import markdown_table
 from featurepipe.store import FeatureStore
