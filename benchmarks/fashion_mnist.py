@@ -1,0 +1,402 @@
+"""Fashion-MNIST: do the transfer-learning claims (less time, better accuracy, less data) hold?
+
+Stages (each writes ``WORK/<stage>.json``; ``report`` turns whatever exists into
+``benchmarks/results/fashion_mnist*.{json,md,png}``):
+
+- ``probe``: embed a stratified 2,000-image subset of the *training* split at a few input sizes;
+  3-fold CV accuracy of the logreg head and throughput per size. The size is chosen here, on
+  training data only, never on the test set.
+- ``compare``: :func:`featurepipe.compare.compare` with the official split (train -> test t10k,
+  all 10,000 test images): raw pixels (logreg, RBF SVM), HOG + linear SVM, frozen features +
+  heads. Kernel/linear SVMs train on stratified subsamples (``--*-max-train``).
+- ``finetune``: fine-tuning arms. On a CPU they run as a second, smaller comparison (a stratified
+  training subset, a stratified test subset, frozen logreg and raw-pixel logreg re-run on the
+  same split so the rows are comparable). ``--finetune-full`` instead fine-tunes on all 60,000
+  training images and scores the full test set (the setting for a GPU run).
+- ``curve``: learning curve, 5..100 labelled images per class, 3 seeds, full test set.
+
+    python -m benchmarks.fashion_mnist --stages probe,compare,finetune,curve,report
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.common import RESULTS, machine, write_results
+from featurepipe.compare import curve_markdown, format_params, plot_compare, plot_curve
+from featurepipe.exceptions import FeaturePipeError
+from featurepipe.report import markdown_table
+from featurepipe.sources import FASHION_MNIST_DIR, ImageSource, load_fashion_mnist
+
+BACKBONE = "efficientnet_lite0"
+#: Published Fashion-MNIST test accuracies (zalandoresearch/fashion-mnist README and its
+#: scikit-learn benchmark), for context only: other code, other hardware, other protocols.
+PUBLISHED = [
+    {"arm": "published: best scikit-learn on raw pixels (SVC, C=10, RBF)", "accuracy": 0.897},
+    {"arm": "published: HOG + SVM", "accuracy": 0.926},
+    {"arm": "published: VGG16 (26M params, trained)", "accuracy": 0.935},
+    {"arm": "published: ResNet18 fine-tuned (augmentation)", "accuracy": 0.949},
+    {"arm": "published: MobileNet (augmentation)", "accuracy": 0.950},
+]
+STAGES = ("probe", "compare", "finetune", "curve", "report")
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def load_split(data: str, split: str) -> ImageSource:
+    """The IDX split, or exit with the message that names the Debian package."""
+    try:
+        return load_fashion_mnist(data, split)
+    except FeaturePipeError as exc:
+        sys.exit(f"fashion_mnist benchmark: {exc}")
+
+
+def stratified(source: ImageSource, n: int | None, seed: int = 0) -> ImageSource:
+    """A stratified subset of ``n`` images (the whole source when ``n`` is None or too big)."""
+    from sklearn.model_selection import train_test_split
+
+    if n is None or n >= len(source):
+        return source
+    keep, _ = train_test_split(np.arange(len(source)), train_size=n, stratify=source.labels,
+                               random_state=seed)
+    return source.subset(np.sort(keep))
+
+
+def save(work: Path, stage: str, payload: dict[str, Any]) -> None:
+    (work / f"{stage}.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
+
+
+def load(work: Path, stage: str) -> dict[str, Any] | None:
+    path = work / f"{stage}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def load_avg() -> list[float]:
+    return list(os.getloadavg())
+
+
+# ----------------------------------------------------------------------------------- probe
+
+
+def stage_probe(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Accuracy (CV on training images) and throughput per input size; pick one."""
+    from featurepipe.embed import embed
+    from featurepipe.heads import fit_head, make_head
+    from featurepipe.store import FeatureStore
+
+    sub = stratified(load_split(args.data, "train"), args.probe_images)
+    rows = []
+    for size in args.probe_sizes:
+        store = work / "probe" / f"size{size}.h5"
+        store.parent.mkdir(parents=True, exist_ok=True)
+        rep = embed(sub, store, BACKBONE, image_size=size, progress=False)
+        fs = FeatureStore(store).load(rep.key)
+        head, info = fit_head(make_head("logreg", cv=3), fs.features, fs.labels)
+        scores = head[-1].scores_  # LogisticRegressionCV: (folds, [l1_ratios,] Cs) accuracies
+        arr = np.asarray(next(iter(scores.values())) if isinstance(scores, dict) else scores)
+        cv_acc = float(arr.reshape(arr.shape[0], -1).mean(axis=0).max())
+        ips = rep.images_per_second or None
+        rows.append({"image_size": size, "cv_accuracy": cv_acc, "n_images": len(fs.labels),
+                     "embed_seconds": rep.seconds, "images_per_second": ips,
+                     "head_seconds": info["fit_seconds"], "load_avg": load_avg(),
+                     "projected_full_embed_minutes": 70_000 / ips / 60 if ips else None})
+        log(f"probe {size}px: CV accuracy {cv_acc:.4f}, {ips or 0:.1f} img/s")
+    best = max(r["cv_accuracy"] for r in rows)
+    # Smallest size within 0.5 points of the best: accuracy per minute of embedding.
+    chosen = min(r["image_size"] for r in rows if r["cv_accuracy"] >= best - 0.005)
+    result = {"rows": rows, "chosen_image_size": chosen, "backbone": BACKBONE,
+              "rule": "smallest input size whose 3-fold CV accuracy (logreg head, 2,000 "
+                      "stratified training images) is within 0.5 points of the best size"}
+    save(work, "probe", result)
+    return result
+
+
+def chosen_size(args: argparse.Namespace, work: Path) -> int:
+    if args.image_size != "auto":
+        return int(args.image_size)
+    probe = load(work, "probe")
+    if probe is None:
+        sys.exit("--image-size auto needs the probe stage first (or give --image-size N)")
+    return int(probe["chosen_image_size"])
+
+
+# ----------------------------------------------------------------------------------- compare
+
+
+def stage_compare(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """All from-scratch and frozen arms, official split, full 10k test set."""
+    from featurepipe.compare import compare
+
+    size = chosen_size(args, work)
+    train = stratified(load_split(args.data, "train"), args.train_size)
+    test = load_split(args.data, "test")
+    caps = {"*svm-rbf": args.svm_max_train, "hog+linear-svm": args.linear_max_train,
+            "*linear-svm": args.linear_max_train, "pixels+logreg": args.pixel_logreg_max_train}
+    finetune, ft_params = None, {}
+    if args.finetune_full:
+        finetune, ft_params = ("head", "full"), {"image_size": args.ft_image_size,
+                                                 "batch_size": args.ft_batch_size}
+    t0 = time.perf_counter()
+    res = compare(train, work / "compare", test_source=test, backbones=BACKBONE,
+                  image_size=size, heads=args.heads, classical=args.classical,
+                  finetune=finetune, finetune_epochs=args.ft_epochs, finetune_params=ft_params,
+                  max_train={k: v for k, v in caps.items() if v}, pixel_size=28, hog_size=28,
+                  hog_cell=4, cv=args.cv, log=log, progress=False)
+    out = {**res.to_dict(), "wall_seconds": time.perf_counter() - t0, "load_avg": load_avg(),
+           "image_size": size, "n_train_images": len(train)}
+    save(work, "compare", out)
+    log("\n" + res.table)
+    return out
+
+
+# ----------------------------------------------------------------------------------- finetune
+
+
+def stage_finetune(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Fine-tuning vs frozen vs pixels on a CPU-sized split (same split for every row)."""
+    from featurepipe.compare import compare
+
+    size = chosen_size(args, work)
+    train = stratified(load_split(args.data, "train"), args.ft_train_size, seed=1)
+    test = stratified(load_split(args.data, "test"), args.ft_test_size, seed=1)
+    t0 = time.perf_counter()
+    res = compare(train, work / "finetune", test_source=test, backbones=BACKBONE,
+                  image_size=size, heads="logreg", classical="pixels+logreg",
+                  finetune=("head", "full"), finetune_epochs=args.ft_epochs,
+                  finetune_params={"image_size": args.ft_image_size, "max_minutes":
+                                   args.ft_minutes, "batch_size": args.ft_batch_size,
+                                   "warmup_epochs": args.ft_warmup_epochs},
+                  pixel_size=28, cv=args.cv, log=log, progress=False)
+    out = {**res.to_dict(), "wall_seconds": time.perf_counter() - t0, "load_avg": load_avg(),
+           "image_size": size}
+    save(work, "finetune", out)
+    log("\n" + res.table)
+    return out
+
+
+# ----------------------------------------------------------------------------------- curve
+
+
+def stage_curve(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Accuracy vs labelled images per class; re-uses the compare stage's cached features."""
+    from featurepipe.compare import learning_curve
+
+    size = chosen_size(args, work)
+    train = stratified(load_split(args.data, "train"), args.train_size)
+    test = load_split(args.data, "test")
+    t0 = time.perf_counter()
+    res = learning_curve(train, work / "compare", args.curve_sizes, seeds=args.curve_seeds,
+                         test_source=test, backbones=BACKBONE, image_size=size, heads="logreg",
+                         classical=("pixels+logreg", "hog+linear-svm"), pixel_size=28,
+                         hog_size=28, hog_cell=4, cv=args.cv, log=log, progress=False)
+    out = {**res.to_dict(), "wall_seconds": time.perf_counter() - t0, "load_avg": load_avg(),
+           "image_size": size}
+    save(work, "curve", out)
+    log("\n" + res.table)
+    return out
+
+
+# ----------------------------------------------------------------------------------- report
+
+
+ROW_COLS = ["arm", "accuracy", "macro_f1", "n_train", "n_test", "train_seconds",
+            "predict_ms_per_image", "peak_mib", "params"]
+
+
+def _rows(stage: dict[str, Any], where: str) -> list[dict[str, Any]]:
+    return [{**r, "params": format_params(r.get("params")), "where": where} for r in stage["rows"]]
+
+
+def stage_report(args: argparse.Namespace, work: Path) -> None:
+    probe, comp, ft, curve = (load(work, s) for s in ("probe", "compare", "finetune", "curve"))
+    walls = {s: (d or {}).get("wall_seconds") for s, d in
+             (("compare", comp), ("finetune", ft), ("curve", curve))}
+    md = ["# Fashion-MNIST: transfer learning vs classical ML (CPU)", "",
+          *verdict(comp, ft, curve)]
+    if probe:
+        md += ["## Input size (chosen on training data)", "",
+               markdown_table(probe["rows"], ["image_size", "cv_accuracy", "images_per_second",
+                                              "embed_seconds", "projected_full_embed_minutes"]),
+               "", f"Probe rule: {probe['rule']} -> {probe['chosen_image_size']} px.",
+               f"Used: **{comp['image_size'] if comp else probe['chosen_image_size']} px**. "
+               + (args.note or ""), ""]
+    if comp:
+        md += ["## Full test set (10,000 images)", "",
+               markdown_table(_rows(comp, "compare") + PUBLISHED, ROW_COLS), "",
+               *[f"- {line}" for line in _embedding_lines(comp)],
+               f"- {comp['split']['n_train']} training images, caps: "
+               f"{comp['settings']['max_train'] or 'none'}; {comp['settings']['cv']}-fold CV "
+               f"for every search; wall {comp['wall_seconds'] / 60:.1f} min", ""]
+    if ft:
+        md += [f"## Fine-tuning on a CPU-sized split ({ft['split']['n_train']} train / "
+               f"{ft['split']['n_test']} test images, same split for every row)", "",
+               markdown_table(_rows(ft, "finetune"), ROW_COLS + ["epochs_run", "best_epoch"]),
+               "", f"- fine-tuning input size {ft['settings']['finetune_params'].get('image_size')}"
+               f" px, at most {ft['settings']['finetune_epochs']} epochs and "
+               f"{ft['settings']['finetune_params'].get('max_minutes')} min per arm; frozen "
+               f"features at {ft['image_size']} px; wall {ft['wall_seconds'] / 60:.1f} min", ""]
+    if curve:
+        acc = np.asarray(curve["accuracy"])
+        md += ["## Learning curve (test accuracy on all 10,000 test images, mean ± std over "
+               f"{len(curve['seeds'])} seeds)", "",
+               curve_markdown(curve["arms"], curve["samples_per_class"], acc), "",
+               f"- wall {curve['wall_seconds'] / 60:.1f} min; fine-tuning arms are off in "
+               "learning curves (one fine-tune per point does not fit a CPU budget)", ""]
+    if probe:
+        walls["probe"] = sum(r["embed_seconds"] + r["head_seconds"] for r in probe["rows"])
+    md += ["Wall time per stage (minutes): "
+           + ", ".join(f"{k} {v / 60:.1f}" for k, v in walls.items() if v)
+           + ". Everything ran on the CPU (no GPU), bf16 autocast.", "",
+           "Published rows are quoted from the Fashion-MNIST README/benchmark for context; they "
+           "were not re-run here. Timings were taken on a 2-core machine shared with other jobs "
+           "(load averages are in the JSON); treat them as rough.", ""]
+    payload = {"machine": machine(), "args": vars(args), "published": PUBLISHED,
+               "probe": probe, "compare": comp, "finetune": ft,
+               "curve": {k: v for k, v in (curve or {}).items() if k != "rows"},
+               "wall_seconds": walls}
+    write_results("fashion_mnist", payload, "\n".join(md))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    if comp:
+        plot_compare(comp["rows"], RESULTS / "fashion_mnist.png",
+                     title=f"Fashion-MNIST, 10,000 test images ({comp['image_size']} px features)")
+    if curve:
+        plot_curve(curve["arms"], curve["samples_per_class"], np.asarray(curve["accuracy"]),
+                   RESULTS / "fashion_mnist_learning_curve.png",
+                   title="Fashion-MNIST learning curve (10,000 test images)")
+
+        write_results("fashion_mnist_learning_curve",
+                      {"machine": payload["machine"], **{k: v for k, v in curve.items()}},
+                      "# Fashion-MNIST learning curve\n\n" + curve_markdown(
+                          curve["arms"], curve["samples_per_class"],
+                          np.asarray(curve["accuracy"])))
+    log(f"wrote {RESULTS / 'fashion_mnist.md'}")
+
+
+def _best(rows: list[dict[str, Any]], family: str) -> dict[str, Any] | None:
+    rows = [r for r in rows if r["family"] == family]
+    return max(rows, key=lambda r: r["accuracy"]) if rows else None
+
+
+def verdict(comp: dict[str, Any] | None, ft: dict[str, Any] | None,
+            curve: dict[str, Any] | None) -> list[str]:
+    """The three claims and the two targets, in numbers, at the top of the report."""
+    lines = ["## Summary", ""]
+    if comp:
+        frozen, classical = _best(comp["rows"], "frozen"), _best(comp["rows"], "classical")
+        if frozen and classical:
+            lines.append(
+                f"- **Accuracy** (all 10,000 test images): best frozen-feature arm "
+                f"{frozen['arm']} {frozen['accuracy']:.4f} (n_train {frozen['n_train']}) vs best "
+                f"from-scratch arm {classical['arm']} {classical['accuracy']:.4f} (n_train "
+                f"{classical['n_train']}). Target frozen >= 0.90: "
+                f"**{'met' if frozen['accuracy'] >= 0.90 else 'not met'}**.")
+            lines.append(
+                f"- **Training time** (fit + making the training features): {frozen['arm']} "
+                f"{frozen['train_seconds']:.0f} s vs {classical['arm']} "
+                f"{classical['train_seconds']:.0f} s.")
+    if ft:
+        tuned = _best(ft["rows"], "finetune")
+        if tuned:
+            lines.append(
+                f"- **Fine-tuning** (CPU-sized split, {ft['split']['n_test']} test images): best "
+                f"{tuned['arm']} {tuned['accuracy']:.4f} after {tuned.get('epochs_run')} epochs at "
+                f"{ft['settings']['finetune_params'].get('image_size')} px on "
+                f"{tuned['n_train']} images. Target fine-tuned >= 0.95: "
+                f"**{'met' if tuned['accuracy'] >= 0.95 else 'not met'}** (a CPU budget run; "
+                "`--finetune-full` is the GPU setting).")
+    if curve:
+        acc = np.asarray(curve["accuracy"]).mean(axis=2)
+        frozen_rows = [a for a, name in enumerate(curve["arms"]) if "+" in name
+                       and not name.startswith(("pixels", "hog"))]
+        classical_rows = [a for a in range(len(curve["arms"])) if a not in frozen_rows]
+        if frozen_rows and classical_rows:
+            gaps = acc[frozen_rows].max(axis=0) - acc[classical_rows].max(axis=0)
+            shown = ", ".join(f"{n}: {g:+.3f}" for n, g in
+                              zip(curve["samples_per_class"], gaps, strict=True))
+            lines.append(f"- **Labelled data**: frozen logreg minus best from-scratch arm, mean "
+                         f"test accuracy per labelled images per class: {shown}.")
+    return [*lines, ""]
+
+
+def _embedding_lines(stage: dict[str, Any]) -> list[str]:
+    lines = []
+    for e in stage["embedding"]:
+        ips = e.get("computed_images_per_second")
+        lines.append(f"embedding {e['backbone']} ({e['role']}, {e['n_rows']} images): "
+                     f"{ips:.1f} img/s when computed ({e['device']}, {e['precision']})"
+                     if ips else f"embedding {e['backbone']} ({e['role']}): cached")
+    return lines
+
+
+# ----------------------------------------------------------------------------------- main
+
+
+def _ints(text: str) -> list[int]:
+    return [int(t) for t in text.split(",") if t.strip()]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", default=FASHION_MNIST_DIR,
+                    help="folder of the IDX files (Debian package dataset-fashion-mnist)")
+    ap.add_argument("--work", default="runs/fashion_mnist", help="caches and stage results")
+    ap.add_argument("--stages", default=",".join(STAGES))
+    ap.add_argument("--image-size", default="auto", help="'auto' (probe's choice) or pixels")
+    ap.add_argument("--probe-sizes", type=_ints, default=[48, 64, 96])
+    ap.add_argument("--probe-images", type=int, default=2000)
+    ap.add_argument("--train-size", type=int, default=None,
+                    help="stratified training subset for the compare/curve stages (default all)")
+    ap.add_argument("--heads", default="logreg,svm-rbf")
+    ap.add_argument("--classical", default="pixels+logreg,pixels+svm-rbf,hog+linear-svm")
+    ap.add_argument("--cv", type=int, default=3)
+    ap.add_argument("--svm-max-train", type=int, default=5000)
+    ap.add_argument("--linear-max-train", type=int, default=10000)
+    ap.add_argument("--pixel-logreg-max-train", type=int, default=None)
+    ap.add_argument("--ft-train-size", type=int, default=2000)
+    ap.add_argument("--ft-test-size", type=int, default=2000)
+    ap.add_argument("--ft-image-size", type=int, default=32)
+    ap.add_argument("--ft-epochs", type=int, default=2)
+    ap.add_argument("--ft-minutes", type=float, default=4.0)
+    ap.add_argument("--ft-batch-size", type=int, default=64)
+    ap.add_argument("--ft-warmup-epochs", type=float, default=0.3)
+    ap.add_argument("--finetune-full", action="store_true",
+                    help="GPU setting: fine-tune on all training images inside the compare "
+                         "stage (full test set), no time limit; use with --ft-image-size 224 "
+                         "--ft-epochs 10 and skip the finetune stage")
+    ap.add_argument("--curve-sizes", type=_ints, default=[5, 10, 25, 50, 100])
+    ap.add_argument("--curve-seeds", type=int, default=3)
+    ap.add_argument("--note", default="", help="why the settings were chosen (goes in the report)")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = set(stages) - set(STAGES)
+    if unknown:
+        sys.exit(f"unknown stages {sorted(unknown)}; choose from {', '.join(STAGES)}")
+    load_split(args.data, "train")  # fail early, naming the Debian package
+    runners = {"probe": stage_probe, "compare": stage_compare, "finetune": stage_finetune,
+               "curve": stage_curve, "report": stage_report}
+    for stage in STAGES:
+        if stage in stages:
+            log(f"stage {stage} (load average {load_avg()[0]:.1f})")
+            t0 = time.perf_counter()
+            runners[stage](args, work)
+            log(f"stage {stage} done in {(time.perf_counter() - t0) / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""Measure the transfer-learning claims: classical ML vs frozen features + heads vs fine-tuning.
+
+:func:`compare` runs every arm under one protocol (same images, same stratified split and seed,
+hyperparameters chosen on training data only, one test score) and writes a Markdown table, JSON
+and a PNG of accuracy against training time. :func:`learning_curve` repeats it over labelled-set
+sizes and seeds.
+
+Examples
+--------
+>>> from featurepipe.compare import compare, learning_curve
+>>> res = compare("photos/", "report/", backbones="efficientnet_lite0")    # doctest: +SKIP
+>>> curve = learning_curve("photos/", "report/", [5, 10, 25], seeds=3)      # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from featurepipe.compare._api import DEFAULT_CLASSICAL, DEFAULT_HEADS, CompareResult, compare
+from featurepipe.compare._arms import CLASSICAL_ARMS, FINETUNE_STRATEGIES, TimeLimit
+from featurepipe.compare._curves import (
+    CURVE_CLASSICAL,
+    CURVE_HEADS,
+    LearningCurveResult,
+    learning_curve,
+)
+from featurepipe.compare._data import ids_digest
+from featurepipe.compare._measure import Measure
+from featurepipe.compare._output import curve_markdown, format_params, plot_compare, plot_curve
+from featurepipe.compare._pixels import PixelSpec, pixel_features
+
+__all__ = [
+    "CLASSICAL_ARMS",
+    "CURVE_CLASSICAL",
+    "CURVE_HEADS",
+    "DEFAULT_CLASSICAL",
+    "DEFAULT_HEADS",
+    "FINETUNE_STRATEGIES",
+    "CompareResult",
+    "LearningCurveResult",
+    "Measure",
+    "PixelSpec",
+    "TimeLimit",
+    "compare",
+    "curve_markdown",
+    "format_params",
+    "ids_digest",
+    "learning_curve",
+    "pixel_features",
+    "plot_compare",
+    "plot_curve",
+]

@@ -1,0 +1,273 @@
+"""``compare()``: every arm under one protocol, and the report it writes."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from featurepipe.compare._arms import (
+    CLASSICAL_ARMS,
+    FINETUNE_STRATEGIES,
+    ArmContext,
+    ArmSpec,
+    build_arms,
+    run_arm,
+)
+from featurepipe.compare._data import HOG, PIXELS, Part
+from featurepipe.compare._output import compare_markdown, plot_compare, write_json
+from featurepipe.compare._pixels import PixelSpec
+from featurepipe.compare._prepare import Prepared, prepare
+from featurepipe.exceptions import ConfigError
+
+DEFAULT_HEADS = ("logreg", "linear-svm", "svm-rbf", "knn")
+DEFAULT_CLASSICAL = tuple(CLASSICAL_ARMS)
+
+
+@dataclass
+class CompareResult:
+    """What :func:`compare` measured and wrote.
+
+    Attributes
+    ----------
+    rows : list of dict
+        One per arm: ``arm, family, accuracy, macro_f1, n_train, n_test, fit_seconds,
+        train_seconds, predict_ms_per_image, peak_mib, memory_method, params, warnings,
+        train_ids_sha256, test_ids_sha256`` (+ fine-tuning details).
+    embedding : list of dict
+        Embedding cost per backbone and source role, reported once (shared by its frozen arms).
+    split : dict
+        How the data was split, sizes, seed, digests of the train and test ids.
+    settings : dict
+        The arguments that shaped the run.
+    out_dir : Path
+    paths : dict
+        ``json``, ``markdown``, ``png``, ``split`` file paths.
+    table : str
+        The Markdown report.
+    """
+
+    rows: list[dict[str, Any]]
+    embedding: list[dict[str, Any]]
+    split: dict[str, Any]
+    settings: dict[str, Any]
+    out_dir: Path
+    paths: dict[str, str] = field(default_factory=dict)
+    table: str = ""
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def row(self, arm: str) -> dict[str, Any]:
+        """The row of ``arm`` (KeyError naming the arms there are)."""
+        for r in self.rows:
+            if r["arm"] == arm:
+                return r
+        raise KeyError(f"no arm {arm!r}; arms: {[r['arm'] for r in self.rows]}")
+
+    def best(self, family: str | None = None) -> dict[str, Any]:
+        """The most accurate row (of one ``family``: classical, frozen or finetune)."""
+        rows = [r for r in self.rows if family is None or r["family"] == family]
+        if not rows:
+            raise KeyError(f"no arms of family {family!r}")
+        return max(rows, key=lambda r: r["accuracy"])
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form (what ``compare.json`` holds)."""
+        return {"rows": self.rows, "embedding": self.embedding, "split": self.split,
+                "skipped": self.skipped, "settings": self.settings, "seconds": self.seconds,
+                "out_dir": str(self.out_dir), "paths": dict(self.paths)}
+
+
+def _tuple(value: str | Sequence[str] | None) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return tuple(v.strip() for v in value.split(",") if v.strip())
+    return tuple(value)
+
+
+def compare(
+    source: Any,
+    out_dir: str | os.PathLike[str],
+    *,
+    labels: Sequence[Any] | None = None,
+    test_source: Any | None = None,
+    test_size: float | int = 0.2,
+    seed: int = 0,
+    backbones: str | Sequence[str] = ("efficientnet_lite0",),
+    weights: str | None = None,
+    image_size: int | None = None,
+    heads: str | Sequence[str] = DEFAULT_HEADS,
+    classical: str | Sequence[str] = DEFAULT_CLASSICAL,
+    finetune: str | Sequence[str] | None = FINETUNE_STRATEGIES,
+    finetune_epochs: int = 5,
+    finetune_params: Mapping[str, Any] | None = None,
+    max_train: Mapping[str, int] | None = None,
+    pixel_size: int = 32,
+    pixel_mode: str = "auto",
+    hog_size: int = 64,
+    hog_cell: int = 8,
+    cv: int = 5,
+    n_jobs: int | None = None,
+    batch_size: int = 64,
+    workers: int | None = None,
+    device: str = "auto",
+    precision: str = "auto",
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+    on_fit: Callable[[str, Part], None] | None = None,
+) -> CompareResult:
+    """Compare classical ML, frozen pretrained features + heads, and fine-tuning, fairly.
+
+    One protocol for every arm: the same images (unreadable ones dropped for all), the same
+    stratified split and seed, hyperparameters chosen by cross-validation on the training rows
+    only (fine-tuning: early stopping on a validation split of the training rows), one score on
+    the test rows. Features are cached in ``out_dir/features.h5``: a rerun embeds nothing.
+
+    Parameters
+    ----------
+    source : folder, manifest CSV, list of paths, array, IDX file or ImageSource
+        Labelled images (anything :func:`featurepipe.sources.open_source` accepts).
+    out_dir : str or path
+        Where the store, ``compare.json``, ``compare.md``, ``compare.png`` and ``split.json`` go.
+    labels : sequence, optional
+        Labels when ``source`` carries none (arrays, path lists).
+    test_source : optional
+        A fixed, labelled test set (e.g. Fashion-MNIST's t10k); then ``source`` is all training
+        data and ``test_size`` is not used.
+    test_size : float or int, default=0.2
+        Fraction (or count) of ``source`` held out for testing, stratified.
+    seed : int, default=0
+        Split, CV folds, subsamples and fine-tuning share it.
+    backbones : str or sequence of str
+        Frozen-feature arms run for each ("which pretrained model should I choose?").
+    weights, image_size : optional
+        Backbone weights and input size (all backbones and fine-tuning).
+    heads : str or sequence of str
+        Head presets (:data:`featurepipe.heads.HEAD_PRESETS`) trained on each backbone's features.
+    classical : str or sequence of str
+        From-scratch arms: ``pixels+logreg``, ``pixels+svm-rbf``, ``hog+linear-svm``.
+    finetune : str, sequence of str or None, default=("head", "full")
+        Fine-tuning strategies of the first backbone; ``None`` or ``()`` disables fine-tuning.
+    finetune_epochs : int, default=5
+    finetune_params : mapping, optional
+        More :class:`~featurepipe.finetune.FineTuneClassifier` parameters (``lr``,
+        ``batch_size``, ``image_size``, ``val_size``, ...), plus ``max_minutes``: stop after the
+        epoch in which that many minutes of training have passed.
+    max_train : mapping of str to int, optional
+        Train some arms on a stratified subsample of the training split: ``{pattern: n}`` with
+        fnmatch patterns over arm names, e.g. ``{"*svm-rbf": 10000}`` (kernel SVMs are
+        quadratic in the number of samples). The cap is recorded in each row.
+    pixel_size, pixel_mode, hog_size, hog_cell
+        Raw-pixel and HOG features (see :class:`~featurepipe.compare.PixelSpec`).
+    cv : int, default=5
+        Folds of the heads' hyperparameter searches.
+    n_jobs : int, optional
+        Parallel jobs of the searches.
+    batch_size, workers, device, precision
+        Embedding engine settings (``workers``: decode processes, None = auto).
+    progress : bool
+        Progress bars while embedding.
+    log : callable, optional
+        Receives one-line progress messages.
+    on_fit : callable, optional
+        ``on_fit(arm_name, train_part)`` before each arm trains (protocol checks in tests).
+
+    Returns
+    -------
+    CompareResult
+
+    Examples
+    --------
+    >>> res = compare("photos/", "report/", heads="logreg", finetune=None)  # doctest: +SKIP
+    >>> print(res.table)                                                    # doctest: +SKIP
+    """
+    start = time.perf_counter()
+    say = log or (lambda _m: None)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    bbs, head_list = _tuple(backbones), _tuple(heads)
+    classical_list, strategies = _tuple(classical), _tuple(finetune)
+    if not bbs:
+        raise ConfigError("backbones is empty; give at least one (e.g. efficientnet_lite0)")
+    arms = build_arms(classical_list, bbs, head_list, strategies, bbs[0])
+    if not arms:
+        raise ConfigError("no arms to compare: give heads, classical arms or finetune strategies")
+    settings = _settings(locals())
+    prep = _prepare(source, out, labels, test_source, test_size, seed, bbs, weights, image_size,
+                    batch_size, workers, device, precision, progress, arms, settings, say)
+    ctx = ArmContext(seed=seed, cv=cv, n_jobs=n_jobs, max_train=max_train,
+                     finetune_params=_finetune_params(finetune_epochs, finetune_params, weights,
+                                                      image_size, device, precision),
+                     feature_seconds_per_image=prep.seconds_per_image, log=say, on_fit=on_fit)
+    rows = []
+    partial = out / "compare.partial.json"  # finished arms survive a killed long run
+    for arm in arms:
+        rows.append(run_arm(arm, prep.train, prep.test, ctx))
+        write_json({"rows": rows, "split": prep.split}, partial)
+    result = _write(rows, prep, settings, out, time.perf_counter() - start)
+    partial.unlink(missing_ok=True)
+    return result
+
+
+def _settings(args: dict[str, Any]) -> dict[str, Any]:
+    keep = ("test_size", "seed", "backbones", "weights", "image_size", "heads", "classical",
+            "finetune", "finetune_epochs", "finetune_params", "max_train", "pixel_size",
+            "pixel_mode", "hog_size", "hog_cell", "cv", "n_jobs", "batch_size", "workers",
+            "device", "precision")
+    out = {k: args[k] for k in keep}
+    for k in ("backbones", "heads", "classical", "finetune"):
+        out[k] = list(_tuple(out[k]))
+    out["finetune_params"] = dict(out["finetune_params"] or {})
+    out["max_train"] = dict(out["max_train"] or {})
+    out["test_source"] = args["test_source"] is not None
+    return out
+
+
+def _prepare(source: Any, out: Path, labels: Any, test_source: Any, test_size: float | int,
+             seed: int, bbs: tuple[str, ...], weights: str | None, image_size: int | None,
+             batch_size: int, workers: int | None, device: str, precision: str, progress: bool,
+             arms: list[ArmSpec], settings: dict[str, Any],
+             say: Callable[[str], None]) -> Prepared:
+    needs = {a.features for a in arms}
+    spec = None
+    if needs & {PIXELS, HOG}:
+        spec = PixelSpec(settings["pixel_size"], settings["pixel_mode"], settings["hog_size"],
+                         settings["hog_cell"]).validate()
+    frozen = [bb for bb in bbs if bb in needs]
+    # Fine-tuning alone still embeds its backbone once: the store's skipped list is what keeps
+    # every arm on the same readable images.
+    embed_bbs = frozen or [bbs[0]]
+    embed_kwargs = {"weights": weights, "image_size": image_size, "batch_size": batch_size,
+                    "workers": workers, "device": device, "precision": precision,
+                    "progress": progress}
+    return prepare(source, out, labels=labels, test_source=test_source, test_size=test_size,
+                   seed=seed, backbones=embed_bbs, embed_kwargs=embed_kwargs, pixel_spec=spec,
+                   with_hog=HOG in needs, say=say)
+
+
+def _finetune_params(epochs: int, extra: Mapping[str, Any] | None, weights: str | None,
+                     image_size: int | None, device: str, precision: str) -> dict[str, Any]:
+    params: dict[str, Any] = {"epochs": epochs, "weights": weights, "image_size": image_size,
+                              "device": device, "precision": precision}
+    params.update(extra or {})
+    return params
+
+
+def _write(rows: list[dict[str, Any]], prep: Prepared, settings: dict[str, Any], out: Path,
+           seconds: float) -> CompareResult:
+    split = {**prep.split, "classes": prep.classes, "pixel_mode": prep.pixel_mode}
+    write_json({"train_ids": prep.train.ids, "test_ids": prep.test.ids, **split},
+               out / "split.json")
+    table = compare_markdown(rows, prep.embedding, split)
+    result = CompareResult(rows, prep.embedding, split, settings, out, table=table,
+                           skipped=prep.skipped, seconds=seconds)
+    result.paths = {"json": str(out / "compare.json"), "markdown": str(out / "compare.md"),
+                    "png": str(out / "compare.png"), "split": str(out / "split.json")}
+    plot_compare(rows, result.paths["png"])
+    (out / "compare.md").write_text("# Comparison\n\n" + table, encoding="utf-8")
+    write_json(result.to_dict(), result.paths["json"])
+    return result

@@ -1,0 +1,227 @@
+"""The arms of a comparison and how each is trained and scored under the shared protocol.
+
+An arm gets a training :class:`~featurepipe.compare._data.Part` and a test ``Part``. Hyperparameters
+are chosen by the head's cross-validation *inside* ``fit_head`` on the training rows only (or, for
+fine-tuning, on a validation split carved out of the training rows); the test rows are touched
+once, for the final score.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+from featurepipe.compare._data import HOG, PIXELS, Part, ids_digest, stratified_subsample
+from featurepipe.compare._measure import Measure
+from featurepipe.exceptions import ConfigError
+from featurepipe.finetune.loop import Callback
+
+#: name -> (features, head preset, parameter overrides of the preset's estimator).
+#: HOG + linear SVM forces liblinear's dual solver: with n_samples > n_features the preset's
+#: ``dual="auto"`` picks the primal Newton solver, which on standardized Fashion-MNIST HOG
+#: features (3,000 x 1,296) took 7.4 s at C=0.01 but over 5 minutes at C=1; the dual solver is
+#: bounded by ``max_iter`` passes (3.7-12.3 s for C in 1e-3..1e2, high C stopping at the cap).
+CLASSICAL_ARMS: dict[str, tuple[str, str, tuple[tuple[str, Any], ...]]] = {
+    "pixels+logreg": (PIXELS, "logreg", ()),
+    "pixels+svm-rbf": (PIXELS, "svm-rbf", ()),
+    "hog+linear-svm": (HOG, "linear-svm", (("dual", True), ("max_iter", 1000))),
+}
+FINETUNE_STRATEGIES = ("head", "full")
+#: Feature matrices smaller than this (rows x columns) are fitted with one BLAS thread. On tiny
+#: problems thread hand-offs dominate: a logreg search on 21 x 192 features took 2.0-4.2 s with
+#: OpenBLAS's 2 threads on a busy 2-core machine and 0.42-0.46 s with 1.
+SINGLE_THREAD_BELOW = 2_000_000
+
+
+@dataclass(frozen=True)
+class ArmSpec:
+    """What one arm is.
+
+    ``family`` is ``"classical"`` (features computed from pixels, model trained from scratch),
+    ``"frozen"`` (pretrained features + a head preset) or ``"finetune"``; ``features`` names the
+    feature matrix (``"pixels"``, ``"hog"`` or a backbone name; ``"images"`` for fine-tuning).
+    """
+
+    name: str
+    family: str
+    features: str
+    head: str | None = None
+    strategy: str | None = None
+    backbone: str | None = None
+    head_params: tuple[tuple[str, Any], ...] = ()
+
+
+def build_arms(classical: tuple[str, ...], backbones: tuple[str, ...], heads: tuple[str, ...],
+               finetune: tuple[str, ...], finetune_backbone: str) -> list[ArmSpec]:
+    """The arms in report order: classical, then frozen (per backbone x head), then fine-tune."""
+    from featurepipe.finetune import STRATEGIES
+
+    arms = []
+    for name in classical:
+        if name not in CLASSICAL_ARMS:
+            raise ConfigError(f"unknown classical arm {name!r}; choose from "
+                              f"{', '.join(CLASSICAL_ARMS)}")
+        feats, head, overrides = CLASSICAL_ARMS[name]
+        arms.append(ArmSpec(name, "classical", feats, head=head, head_params=overrides))
+    for bb in backbones:
+        arms += [ArmSpec(f"{bb}+{head}", "frozen", bb, head=head, backbone=bb) for head in heads]
+    for strategy in finetune:
+        if strategy not in STRATEGIES:
+            raise ConfigError(f"unknown fine-tuning strategy {strategy!r}; choose from "
+                              f"{', '.join(STRATEGIES)}")
+        arms.append(ArmSpec(f"finetune-{strategy}", "finetune", "images", strategy=strategy,
+                            backbone=finetune_backbone))
+    names = [a.name for a in arms]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"duplicate arms: {names}")
+    return arms
+
+
+def max_train_for(name: str, caps: Mapping[str, int] | None) -> int | None:
+    """The training-set cap for arm ``name``: the first pattern (fnmatch) in ``caps`` it matches."""
+    for pattern, n in (caps or {}).items():
+        if fnmatch.fnmatchcase(name, pattern):
+            return int(n)
+    return None
+
+
+@dataclass
+class ArmContext:
+    """Settings every arm shares, and the per-image cost of the features it reads."""
+
+    seed: int = 0
+    cv: int = 5
+    n_jobs: int | None = None
+    max_train: Mapping[str, int] | None = None
+    finetune_params: dict[str, Any] = field(default_factory=dict)
+    feature_seconds_per_image: dict[str, float | None] = field(default_factory=dict)
+    log: Callable[[str], None] = lambda _m: None
+    #: Called with (arm name, training Part) before fitting; tests use it to check the protocol.
+    on_fit: Callable[[str, Part], None] | None = None
+
+
+def run_arm(arm: ArmSpec, train: Part, test: Part, ctx: ArmContext) -> dict[str, Any]:
+    """Train ``arm`` on ``train`` (subsampled if capped), score it on ``test``; one report row."""
+    from sklearn.metrics import accuracy_score, f1_score
+
+    cap = max_train_for(arm.name, ctx.max_train)
+    if cap is not None and cap < len(train):
+        train = train.take(stratified_subsample(train.labels, cap, ctx.seed))
+    if ctx.on_fit is not None:
+        ctx.on_fit(arm.name, train)
+    ctx.log(f"arm {arm.name}: training on {len(train)} images")
+    with warnings.catch_warnings(record=True) as caught, Measure() as m:
+        warnings.simplefilter("always")
+        if arm.family == "finetune":
+            fit_s, predict_s, pred, params, extra = _finetune(arm, train, test, ctx)
+        else:
+            fit_s, predict_s, pred, params, extra = _head(arm, train, test, ctx)
+    messages = list(dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in caught
+                                  if not issubclass(w.category, DeprecationWarning)))
+    per_image = ctx.feature_seconds_per_image.get(arm.features) or 0.0
+    return {
+        "arm": arm.name, "family": arm.family, "features": arm.features,
+        "head": arm.head, "strategy": arm.strategy, "backbone": arm.backbone,
+        "accuracy": float(accuracy_score(test.labels, pred)),
+        "macro_f1": float(f1_score(test.labels, pred, average="macro")),
+        "n_train": len(train), "n_test": len(test), "max_train": cap,
+        "fit_seconds": fit_s,
+        # What training really cost from raw images: the fit plus making the training features.
+        "train_seconds": fit_s + per_image * len(train),
+        "predict_ms_per_image": 1000.0 * (predict_s / max(len(test), 1) + per_image),
+        "peak_mib": m.peak_mib, "memory_method": m.memory_method,
+        "params": params, "head_overrides": dict(arm.head_params), "warnings": messages,
+        "train_ids_sha256": ids_digest(train.ids), "test_ids_sha256": ids_digest(test.ids),
+        **extra,
+    }
+
+
+def _head(arm: ArmSpec, train: Part, test: Part, ctx: ArmContext
+          ) -> tuple[float, float, np.ndarray, dict[str, Any], dict[str, Any]]:
+    from featurepipe.heads import fit_head, make_head
+
+    head = _override(make_head(arm.head or "logreg", cv=ctx.cv, random_state=ctx.seed,
+                               n_jobs=ctx.n_jobs), dict(arm.head_params))
+    X_train = _as_float(train.features[arm.features])
+    threads = 1 if X_train.size < SINGLE_THREAD_BELOW else None
+    with threadpool_limits(limits=threads, user_api="blas"):
+        fitted, info = fit_head(head, X_train, train.labels)
+    del X_train
+    t0 = time.perf_counter()
+    pred = fitted.predict(_as_float(test.features[arm.features]))
+    return info["fit_seconds"], time.perf_counter() - t0, pred, info["params"], {}
+
+
+def _override(head: Any, params: dict[str, Any]) -> Any:
+    """Set ``params`` on every nested estimator of ``head`` that has them (by short name)."""
+    if params:
+        names = head.get_params(deep=True)
+        head.set_params(**{path: params[path.rsplit("__", 1)[-1]] for path in names
+                           if path.rsplit("__", 1)[-1] in params})
+    return head
+
+
+def _as_float(X: np.ndarray) -> np.ndarray:
+    """uint8 pixels -> [0, 1] float32; float16 features -> float32 (sklearn would go float64)."""
+    if X.dtype == np.uint8:
+        return X.astype(np.float32) / 255.0
+    return X.astype(np.float32, copy=False)
+
+
+class TimeLimit(Callback):
+    """Fine-tuning callback: stop after the epoch in which ``seconds`` of training have passed.
+
+    The best epoch's weights are still restored (by early stopping's end-of-training hook).
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = float(seconds)
+        self.start = 0.0
+        self.stopped_at: int | None = None
+
+    def on_train_begin(self, trainer: Any) -> None:
+        self.start = time.perf_counter()
+
+    def on_epoch_end(self, trainer: Any, record: dict[str, Any]) -> None:
+        if time.perf_counter() - self.start >= self.seconds and trainer.epoch < trainer.epochs:
+            trainer.stop_training = True
+            self.stopped_at = int(record["epoch"])
+
+
+
+def _finetune(arm: ArmSpec, train: Part, test: Part, ctx: ArmContext
+              ) -> tuple[float, float, np.ndarray, dict[str, Any], dict[str, Any]]:
+    from featurepipe.finetune import FineTuneClassifier
+
+    params = dict(ctx.finetune_params)
+    minutes = params.pop("max_minutes", None)
+    limit = TimeLimit(60.0 * minutes) if minutes else None
+    params.setdefault("random_state", ctx.seed)
+    params.setdefault("verbose", 0)
+    est = FineTuneClassifier(backbone=arm.backbone or "efficientnet_lite0",
+                             strategy=arm.strategy or "head",
+                             callbacks=[limit] if limit else None, **params)
+    t0 = time.perf_counter()
+    est.fit(train.images(), train.labels)
+    fit_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    pred = est.predict(test.images())
+    predict_s = time.perf_counter() - t0
+    best = est.history_[est.best_epoch_ - 1] if est.history_ else {}
+    shown = {k: v for k, v in est.get_params().items()
+             if k in ("epochs", "lr", "batch_size", "image_size", "val_size", "weights",
+                      "augment", "backbone_lr_factor", "early_stopping")}
+    extra = {
+        "epochs_run": len(est.history_), "best_epoch": est.best_epoch_,
+        "best_val_acc": best.get("val_acc"), "n_val": est.n_val_,
+        "time_limit_minutes": minutes, "stopped_by_time_limit": bool(limit and limit.stopped_at),
+        "device": est.device_, "precision": est.precision_,
+    }
+    return fit_s, predict_s, pred, shown, extra

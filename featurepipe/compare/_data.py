@@ -1,0 +1,165 @@
+"""Data side of the comparison protocol: embed, drop bad images for everyone, split, align.
+
+Every arm is trained and scored on exactly the same images. A file that fails to decode for any
+backbone (the feature store's skipped list) or for the pixel extraction is removed from the
+candidate set *before* the split, so no arm sees a sample another arm cannot.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from featurepipe.exceptions import ConfigError
+from featurepipe.sources import ImageSource
+
+PIXELS, HOG = "pixels", "hog"
+
+
+def ids_digest(ids: Sequence[str]) -> str:
+    """sha256 of the ids in order: equal digests mean the same samples in the same order."""
+    h = hashlib.sha256()
+    for i in ids:
+        h.update(str(i).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+@dataclass
+class Part:
+    """One side of the split: rows of one source and every feature matrix aligned to them.
+
+    ``features`` maps ``"pixels"``, ``"hog"`` and backbone names to ``(n, d)`` arrays whose row
+    ``k`` belongs to ``source`` position ``indices[k]``.
+    """
+
+    source: ImageSource
+    indices: np.ndarray
+    labels: np.ndarray
+    ids: list[str]
+    features: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def take(self, rows: Sequence[int] | np.ndarray) -> Part:
+        """The sub-part at ``rows`` (positions in this part), features included."""
+        rows = np.asarray(rows, dtype=np.int64)
+        return Part(self.source, self.indices[rows], self.labels[rows],
+                    [self.ids[r] for r in rows.tolist()],
+                    {k: v[rows] for k, v in self.features.items()})
+
+    def images(self) -> ImageSource:
+        """This part's images as a source of their own (fine-tuning reads them from here)."""
+        return self.source.subset(self.indices)
+
+    def digest(self) -> str:
+        return ids_digest(self.ids)
+
+
+def stratified_split(labels: np.ndarray, test_size: float | int, seed: int
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified train/test positions of ``labels`` (each sorted)."""
+    from sklearn.model_selection import train_test_split
+
+    positions = np.arange(len(labels))
+    try:
+        train, test = train_test_split(positions, test_size=test_size, stratify=labels,
+                                       random_state=seed)
+    except ValueError as exc:
+        counts = dict(zip(*np.unique(labels, return_counts=True), strict=True))
+        raise ConfigError(
+            f"cannot make a stratified split with test_size={test_size!r} of {len(labels)} "
+            f"images (class counts {({int(k): int(v) for k, v in counts.items()})}): {exc}; "
+            "use more images per class, another test_size, or a separate test source") from None
+    return np.sort(train), np.sort(test)
+
+
+def stratified_subsample(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Positions of a stratified random subsample of ``n`` rows (all rows if ``n >= len``)."""
+    from sklearn.model_selection import train_test_split
+
+    if n >= len(labels):
+        return np.arange(len(labels))
+    positions = np.arange(len(labels))
+    try:
+        keep, _ = train_test_split(positions, train_size=n, stratify=labels, random_state=seed)
+    except ValueError:  # a class too small to stratify at this size: plain random subsample
+        keep = np.random.default_rng(seed).choice(positions, size=n, replace=False)
+    return np.sort(keep)
+
+
+def per_class_subsample(labels: np.ndarray, n_per_class: int, seed: int) -> np.ndarray:
+    """Positions of ``n_per_class`` random rows of every class (a learning-curve point)."""
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(labels, return_counts=True)
+    if counts.min() < n_per_class:
+        short = {int(c): int(n) for c, n in zip(classes, counts, strict=True) if n < n_per_class}
+        raise ConfigError(
+            f"samples_per_class={n_per_class} but the training split has fewer images in "
+            f"classes {short}; the largest size possible is {int(counts.min())}")
+    picks = [rng.choice(np.flatnonzero(labels == c), size=n_per_class, replace=False)
+             for c in classes]
+    return np.sort(np.concatenate(picks))
+
+
+# ----------------------------------------------------------------------------- embedding log
+
+
+class EmbedLog:
+    """``embed_log.json`` in the compare folder: the cost of computing each store entry.
+
+    A rerun re-uses cached features and computes nothing, but the report should still say what
+    embedding those images cost, so the throughput of the run that computed them is kept here,
+    keyed by ``<store file name>:<entry key>`` (train and test stores hold entries with the same
+    key).
+    """
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.path = Path(folder) / "embed_log.json"
+        self.data: dict[str, dict[str, Any]] = (
+            json.loads(self.path.read_text()) if self.path.exists() else {})
+
+    def record(self, key: str, report: Any) -> dict[str, Any]:
+        """Store this report's throughput if it computed anything; return the entry's record."""
+        if report.n_computed:
+            self.data[key] = {
+                "n_computed": report.n_computed, "seconds": report.seconds,
+                "images_per_second": report.images_per_second, "device": report.device,
+                "precision": report.precision,
+            }
+            tmp = self.path.with_name(".embed_log.json.tmp")
+            tmp.write_text(json.dumps(self.data, indent=2))
+            os.replace(tmp, self.path)
+        return self.data.get(key, {})
+
+
+def embed_for_compare(source: ImageSource, store: Path, backbone: str, log_file: EmbedLog,
+                      embed_kwargs: dict[str, Any], say: Callable[[str], None]
+                      ) -> tuple[np.ndarray, dict[str, int], dict[str, str], dict[str, Any]]:
+    """Embed (or re-use) ``source``; return features, id -> row, id -> skip reason, a record."""
+    from featurepipe.embed import embed
+    from featurepipe.store import FeatureStore
+
+    report = embed(source, store, backbone, other_entries="keep", log=say, **embed_kwargs)
+    first = log_file.record(f"{Path(store).name}:{report.key}", report)
+    fs = FeatureStore(store).load(report.key)
+    rows = {id_: r for r, id_ in enumerate(fs.ids)}
+    skipped = dict(fs.skipped)
+    record = {
+        "backbone": backbone, "store": str(store), "key": report.key, "n_images": len(source),
+        "n_rows": report.n_rows, "n_skipped": report.n_skipped,
+        "n_computed": report.n_computed, "n_reused": report.n_reused,
+        "seconds": report.seconds, "device": report.device, "precision": report.precision,
+        "cached": report.n_computed == 0,
+        "computed_images_per_second": first.get("images_per_second"),
+        "dim": int(fs.features.shape[1]),
+    }
+    return fs.features, rows, skipped, record

@@ -1,0 +1,133 @@
+"""Report files of a comparison and of a learning curve: Markdown, JSON and PNG."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from featurepipe.report import markdown_table, new_figure, save_figure
+
+TABLE_COLUMNS = ("arm", "accuracy", "macro_f1", "n_train", "train_seconds", "fit_seconds",
+                 "predict_ms_per_image", "peak_mib", "params")
+_FAMILY_STYLE = {"classical": ("tab:gray", "s"), "frozen": ("tab:blue", "o"),
+                 "finetune": ("tab:red", "^")}
+
+
+def write_json(obj: Any, path: str | os.PathLike) -> Path:
+    """Indented JSON, written to a temporary name and renamed (never half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=_jsonable) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, np.generic | np.ndarray):
+        return value.tolist()
+    return str(value)
+
+
+def format_params(params: Mapping[str, Any] | None) -> str:
+    """``{"C": 0.01, "gamma_scale": 1.0}`` -> ``"C=0.01, gamma_scale=1"`` for tables."""
+    if not params:
+        return ""
+    parts = []
+    for k, v in params.items():
+        v = f"{v:.3g}" if isinstance(v, float) else v
+        parts.append(f"{k}={v}")
+    return ", ".join(parts)
+
+
+def compare_markdown(rows: Sequence[Mapping[str, Any]], embedding: Sequence[Mapping[str, Any]],
+                     split: Mapping[str, Any]) -> str:
+    """The comparison table plus the shared embedding cost and what the columns mean."""
+    shown = [{**r, "params": format_params(r.get("params"))} for r in rows]
+    lines = [markdown_table(shown, TABLE_COLUMNS), ""]
+    for e in embedding:
+        ips = e.get("computed_images_per_second")
+        cost = f"{ips:.1f} img/s when computed" if ips else "throughput not recorded"
+        how = "re-used from the cache" if e["cached"] else f"computed {e['n_computed']}"
+        lines.append(f"- embedding {e['backbone']} ({e['role']}): {e['n_rows']} images, {how} "
+                     f"in {e['seconds']:.1f} s ({cost}; {e['device']}, {e['precision']}); "
+                     f"{e['n_skipped']} skipped")
+    lines += [
+        f"- split: {split['n_train']} train / {split['n_test']} test images, "
+        f"{split['how']}, seed {split['seed']}; {split['n_skipped']} unreadable images "
+        "dropped for every arm",
+        "- train_seconds = fit_seconds (hyperparameter search included) + the cost of making "
+        "the training images' features (embedding or pixel/HOG extraction, per image); "
+        "predict_ms_per_image includes making the test image's features",
+        "- peak_mib: " + _memory_note(rows),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _memory_note(rows: Sequence[Mapping[str, Any]]) -> str:
+    methods = {r.get("memory_method") for r in rows}
+    if methods == {"tracemalloc_peak"}:
+        return "peak of Python-tracked allocations during the arm (tracemalloc)"
+    return ("rise of the process's peak resident set (Linux VmHWM, reset before each arm) over "
+            "its resident set at the arm's start, during fit and predict")
+
+
+def plot_compare(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike,
+                 title: str = "") -> str:
+    """Accuracy against training time (log x), one marker per arm, coloured by family."""
+    fig = new_figure(7.0, 4.5)
+    ax = fig.add_subplot()
+    for r in rows:
+        color, marker = _FAMILY_STYLE.get(r["family"], ("black", "x"))
+        x = max(float(r["train_seconds"]), 1e-3)
+        ax.scatter([x], [r["accuracy"]], color=color, marker=marker, s=40)
+        ax.annotate(f"{r['arm']} (n={r['n_train']})", (x, r["accuracy"]), fontsize=7,
+                    xytext=(4, 3), textcoords="offset points")
+    for family, (color, marker) in _FAMILY_STYLE.items():
+        if any(r["family"] == family for r in rows):
+            ax.scatter([], [], color=color, marker=marker, label=family)
+    ax.set_xscale("log")
+    ax.set_xlabel("training time, s (fit + training features; log scale)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(title or "accuracy vs training time")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    return save_figure(fig, path)
+
+
+def curve_markdown(arms: Sequence[str], sizes: Sequence[int], acc: np.ndarray) -> str:
+    """Rows = arms, columns = samples per class, cells = mean ± std test accuracy over seeds."""
+    rows = []
+    for a, name in enumerate(arms):
+        row: dict[str, Any] = {"arm": name}
+        for s, size in enumerate(sizes):
+            vals = acc[a, s]
+            row[str(size)] = f"{np.nanmean(vals):.3f} ± {np.nanstd(vals):.3f}"
+        rows.append(row)
+    return markdown_table(rows, ["arm", *[str(s) for s in sizes]])
+
+
+def plot_curve(arms: Sequence[str], sizes: Sequence[int], acc: np.ndarray,
+               path: str | os.PathLike, title: str = "") -> str:
+    """Accuracy against labelled samples per class (log x): mean line, min-max band per arm."""
+    fig = new_figure(7.0, 4.5)
+    ax = fig.add_subplot()
+    x = np.asarray(sizes, dtype=float)
+    for a, name in enumerate(arms):
+        mean = np.nanmean(acc[a], axis=1)
+        ax.plot(x, mean, marker="o", label=name)
+        ax.fill_between(x, np.nanmin(acc[a], axis=1), np.nanmax(acc[a], axis=1), alpha=0.2)
+    ax.set_xscale("log")
+    ax.set_xticks(x, [str(s) for s in sizes])
+    ax.minorticks_off()
+    ax.set_xlabel("labelled training images per class (log scale)")
+    ax.set_ylabel("test accuracy (mean; band = min..max over seeds)")
+    ax.set_title(title or "learning curve")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    return save_figure(fig, path)

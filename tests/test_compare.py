@@ -1,0 +1,207 @@
+"""compare / learning_curve / CLI: every arm measured under one protocol, on a tiny image folder.
+
+One comparison run (module fixture) with spies on the two places models are fitted
+(``heads.fit_head`` and ``FineTuneClassifier.fit``) backs most checks, so the file stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from featurepipe.cli import main
+from featurepipe.compare import compare, ids_digest, learning_curve
+from featurepipe.compare._arms import max_train_for
+from featurepipe.compare._data import per_class_subsample
+from featurepipe.exceptions import ConfigError, FeaturePipeWarning
+from featurepipe.store import FeatureStore
+from tests.helpers import TINY
+
+CLASSES = ("a", "b", "c")
+PER_CLASS = 10
+FAST = {"backbones": TINY["backbone"], "weights": TINY["weights"],
+        "image_size": TINY["image_size"], "precision": "fp32", "workers": 0, "progress": False,
+        "cv": 2, "pixel_size": 8, "hog_size": 16, "hog_cell": 4}
+TINY_CLI = ["--backbones", TINY["backbone"], "--weights", "random", "--image-size", "32",
+            "--precision", "fp32", "--workers", "0", "--quiet"]
+
+
+def _write_folder(root: Path) -> Path:
+    """Three classes of tinted noise (learnable even by a random backbone) plus one broken file."""
+    rng = np.random.default_rng(0)
+    for k, name in enumerate(CLASSES):
+        (root / name).mkdir(parents=True)
+        for i in range(PER_CLASS):
+            arr = rng.integers(0, 120, size=(20, 20, 3), dtype=np.uint8)
+            arr[..., k] += 120
+            Image.fromarray(arr).save(root / name / f"{i:02d}.png")
+    (root / "a" / "broken.jpg").write_bytes(b"")
+    return root
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One comparison with every arm family; records what each fit was given."""
+    import featurepipe.heads as heads
+    from featurepipe.finetune import FineTuneClassifier
+
+    tmp = tmp_path_factory.mktemp("compare")
+    root = _write_folder(tmp / "photos")
+    seen: dict[str, list] = {"head_X": [], "finetune_ids": [], "on_fit": []}
+    real_fit_head, real_ft_fit = heads.fit_head, FineTuneClassifier.fit
+
+    def spy_fit_head(estimator, X, y):
+        seen["head_X"].append(np.asarray(X, dtype=np.float32).copy())
+        return real_fit_head(estimator, X, y)
+
+    def spy_ft_fit(self, X, y=None):
+        seen["finetune_ids"].append(list(X.ids))
+        return real_ft_fit(self, X, y)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(heads, "fit_head", spy_fit_head)
+        mp.setattr(FineTuneClassifier, "fit", spy_ft_fit)
+        res = compare(root, tmp / "report", heads="logreg", finetune=("head", "full"),
+                      finetune_epochs=1, test_size=0.3,
+                      on_fit=lambda arm, part: seen["on_fit"].append((arm, list(part.ids))),
+                      **FAST)
+    return {"res": res, "seen": seen, "root": root, "out": tmp / "report"}
+
+
+def test_every_arm_reports_every_metric(run):
+    res = run["res"]
+    arms = [r["arm"] for r in res.rows]
+    assert arms == ["pixels+logreg", "pixels+svm-rbf", "hog+linear-svm",
+                    f"{TINY['backbone']}+logreg", "finetune-head", "finetune-full"]
+    for r in res.rows:
+        assert 0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["macro_f1"] <= 1.0
+        assert r["fit_seconds"] > 0 and r["train_seconds"] >= r["fit_seconds"]
+        assert r["predict_ms_per_image"] > 0
+        assert r["peak_mib"] >= 0 and r["memory_method"] in ("rss_hwm_delta", "tracemalloc_peak")
+        assert r["n_test"] == res.split["n_test"]
+    assert [e["backbone"] for e in res.embedding] == [TINY["backbone"]]  # reported once
+    assert res.row("finetune-full")["epochs_run"] == 1
+    assert res.row("hog+linear-svm")["head_overrides"] == {"dual": True, "max_iter": 1000}
+    assert not (run["out"] / "compare.partial.json").exists()
+    saved = json.loads(Path(res.paths["json"]).read_text())
+    assert [r["arm"] for r in saved["rows"]] == arms
+    assert "| arm | accuracy | macro_f1 |" in Path(res.paths["markdown"]).read_text()
+    assert Path(res.paths["png"]).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_same_images_and_split_for_every_arm(run):
+    res, out = run["res"], run["out"]
+    split = json.loads((out / "split.json").read_text())
+    assert not set(split["train_ids"]) & set(split["test_ids"])
+    assert len(split["train_ids"]) + len(split["test_ids"]) == len(CLASSES) * PER_CLASS
+    assert "a/broken.jpg" not in split["train_ids"] + split["test_ids"]
+    assert [s["id"] for s in res.skipped] == ["a/broken.jpg"]
+    assert {r["test_ids_sha256"] for r in res.rows} == {ids_digest(split["test_ids"])}
+    full_train = [r for r in res.rows if r["max_train"] is None]
+    assert {r["train_ids_sha256"] for r in full_train} == {ids_digest(split["train_ids"])}
+
+
+def test_hyperparameter_search_only_sees_training_rows(run):
+    out, seen = run["out"], run["seen"]
+    split = json.loads((out / "split.json").read_text())
+    test_ids = set(split["test_ids"])
+    for _arm, ids in seen["on_fit"]:
+        assert not set(ids) & test_ids
+    fs = FeatureStore(out / "features.h5").load()
+    row = {id_: k for k, id_ in enumerate(fs.ids)}
+    train_feats = fs.features[[row[i] for i in split["train_ids"]]]
+    test_feats = fs.features[[row[i] for i in split["test_ids"]]]
+    frozen = [X for X in seen["head_X"] if X.shape[1] == fs.features.shape[1]]
+    assert len(frozen) == 1  # the frozen logreg head: fitted (and CV-searched) once, on ...
+    np.testing.assert_array_equal(frozen[0], train_feats)  # ... exactly the training rows
+    assert not any((np.abs(frozen[0] - t).sum(axis=1) == 0).any() for t in test_feats)
+    assert len(seen["head_X"]) == 4  # three classical arms + one frozen head
+    assert all(len(X) == len(split["train_ids"]) for X in seen["head_X"])
+    assert len(seen["finetune_ids"]) == 2
+    assert all(ids == split["train_ids"] for ids in seen["finetune_ids"])
+
+
+def test_learning_curve_shape_and_plot(run):
+    curve = learning_curve(run["root"], run["out"], [2, 4], seeds=2, classical="pixels+logreg",
+                           heads="logreg", test_size=0.3, **FAST)
+    assert curve.arms == ["pixels+logreg", f"{TINY['backbone']}+logreg"]
+    assert curve.accuracy.shape == (2, 2, 2) and not np.isnan(curve.accuracy).any()
+    assert curve.embedding[0]["n_computed"] == 0
+    assert {r["test_ids_sha256"] for r in curve.rows} == {run["res"].split["test_ids_sha256"]}
+    assert {(r["samples_per_class"], r["n_train"]) for r in curve.rows} == {(2, 6), (4, 12)}
+    saved = json.loads(Path(curve.paths["json"]).read_text())
+    assert np.asarray(saved["accuracy"]).shape == (2, 2, 2)
+    assert Path(curve.paths["png"]).read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ConfigError, match="largest size possible"):
+        learning_curve(run["root"], run["out"], [50], heads="logreg", classical=(),
+                       test_size=0.3, **FAST)
+
+
+def test_subsampling_helpers():
+    labels = np.repeat([0, 1, 2], 5)
+    rows = per_class_subsample(labels, 3, seed=1)
+    assert np.bincount(labels[rows]).tolist() == [3, 3, 3]
+    assert not np.array_equal(rows, per_class_subsample(labels, 3, seed=2))
+    with pytest.raises(ConfigError):
+        per_class_subsample(labels, 6, seed=0)
+    caps = {"*svm-rbf": 100, "finetune-*": 50}
+    assert max_train_for("pixels+svm-rbf", caps) == 100
+    assert max_train_for("finetune-full", caps) == 50
+    assert max_train_for("pixels+logreg", caps) is None
+
+
+def test_cli_compare_rerun_reuses_cached_features(run, capsys):
+    code = main(["compare", str(run["root"]), "--out", str(run["out"]), "--heads", "logreg",
+                 "--classical", "pixels+logreg", "--no-finetune", "--test-size", "0.3",
+                 "--cv", "2", "--pixel-size", "8", "--json", *TINY_CLI])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert [r["arm"] for r in out["rows"]] == ["pixels+logreg", f"{TINY['backbone']}+logreg"]
+    (emb,) = out["embedding"]
+    assert emb["n_computed"] == 0 and emb["cached"]  # a rerun embeds nothing ...
+    first = run["res"].embedding[0]
+    assert emb["computed_images_per_second"] == first["computed_images_per_second"]  # ... but
+    assert out["split"]["test_ids_sha256"] == run["res"].split["test_ids_sha256"]  # remembers
+
+
+def test_cli_finetune(run, tmp_path, capsys):
+    with pytest.warns(FeaturePipeWarning, match="broken.jpg"):
+        code = main(["finetune", str(run["root"]), "--out", str(tmp_path / "ft"),
+                     "--backbone", TINY["backbone"], "--weights", "random", "--image-size", "32",
+                     "--epochs", "1", "--precision", "fp32", "--val-size", "0.3", "--json",
+                     "--quiet"])
+    summary = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert summary["epochs_run"] == 1 and summary["n_skipped"] == 1
+    assert Path(summary["paths"]["checkpoint"]).exists()
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    Image.new("RGB", (8, 8)).save(flat / "x.png")
+    code = main(["compare", str(flat), "--out", str(tmp_path / "r"), *TINY_CLI])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.startswith("featurepipe: error:") and "unlabelled" in err
+    assert err.count("\n") == 1
+
+    code = main(["finetune", str(flat), "--out", str(tmp_path / "ft"), "--epochs", "0"])
+    err = capsys.readouterr().err
+    assert code == 1 and "epochs" in err
+
+
+def test_cli_defaults_mirror_the_library():
+    """The CLI copies these so that ``featurepipe --help`` does not import torch."""
+    from featurepipe import cli_compare
+    from featurepipe.compare import DEFAULT_CLASSICAL, DEFAULT_HEADS, FINETUNE_STRATEGIES
+    from featurepipe.finetune import STRATEGIES
+
+    assert cli_compare.DEFAULT_HEADS == DEFAULT_HEADS
+    assert cli_compare.DEFAULT_CLASSICAL == DEFAULT_CLASSICAL
+    assert cli_compare.FINETUNE_STRATEGIES == FINETUNE_STRATEGIES
+    assert cli_compare.STRATEGIES == tuple(STRATEGIES)
