@@ -62,7 +62,7 @@ def ceiling(name: str, weights: str | None, batch_size: int, n: int, precision: 
     """Forward-only images/s on random tensors already in memory (same precision, channels_last)."""
     bb = load_backbone(resolve_spec(name, weights=weights))
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = fp_embed.prepare_model(bb, dev, precision)
+    model = fp_embed.prepare_model(bb, dev)
     x = torch.randn(batch_size, 3, *bb.preprocess.input_size)
     fp_embed.forward_features(model, x, dev, precision)  # warm-up
     batches = max(1, n // batch_size)

@@ -8,7 +8,6 @@ so a killed run resumes where it stopped and ends bit-identical to an uninterrup
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import os
 import platform
@@ -290,32 +289,18 @@ def _validate(batch_size: int, dtype: str, on_error: str, workers: int | None) -
         raise ConfigError(f"workers must be a non-negative integer; got {workers!r}")
 
 
-def prepare_model(backbone: Backbone, device: torch.device, precision: str = "fp32"
-                  ) -> torch.nn.Module:
-    """The extractor on its device, eval mode, channels_last (oneDNN / tensor cores like NHWC).
-
-    bf16 on CPU casts a copy of the weights instead of using autocast: autocast re-casts every
-    weight on every call. Measured on the 2-core AMX dev machine (lite0, batch 64): 87 img/s with
-    bf16 weights vs 65 with autocast, cosine 0.9995 to fp32 either way. The copy keeps the shared
-    (cached) backbone in fp32 for other callers.
-    """
-    model = backbone.extractor.eval()
-    if device.type == "cpu" and precision == "bf16":
-        model = copy.deepcopy(model).to(torch.bfloat16)
-    return model.to(device).to(memory_format=torch.channels_last)
+def prepare_model(backbone: Backbone, device: torch.device) -> torch.nn.Module:
+    """The extractor on its device, eval mode, channels_last (oneDNN / tensor cores like NHWC)."""
+    model = backbone.extractor.eval().to(device)
+    return model.to(memory_format=torch.channels_last)
 
 
 def forward_features(model: torch.nn.Module, x: torch.Tensor, device: torch.device, precision: str
                      ) -> torch.Tensor:
     """One batch through the extractor, returned as float32 on the CPU."""
     x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-    weights = next(model.parameters(), None)
-    with torch.inference_mode():
-        if weights is not None and weights.dtype == torch.bfloat16:  # see prepare_model
-            out = model(x.to(torch.bfloat16))
-        else:
-            with autocast_context(device, precision):
-                out = model(x)
+    with torch.inference_mode(), autocast_context(device, precision):
+        out = model(x)
     return out.float().cpu()
 
 
@@ -602,7 +587,7 @@ def _run_shards(job: EmbedJob, shards: list[tuple[str, list[int]]], writer: Stor
         num_workers=workers, collate_fn=_collate, pin_memory=dev.type == "cuda",
         persistent_workers=False, prefetch_factor=4 if workers else None,
     )
-    model = prepare_model(job.backbone, dev, job.precision)
+    model = prepare_model(job.backbone, dev)
     collector = ShardCollector(job, shards, writer)
     bar = tqdm(total=len(flat), unit="img", disable=not progress, dynamic_ncols=True,
                desc=f"embed {job.backbone.spec.name}")

@@ -375,7 +375,7 @@ class ImageEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         workers = _engine.default_workers(device) if self.workers is None else self.workers
         loader = DataLoader(dataset, batch_size=self.batch_size, num_workers=workers,
                             collate_fn=_engine._collate, pin_memory=device.type == "cuda")
-        model = _engine.prepare_model(backbone, device, self.precision_)
+        model = _engine.prepare_model(backbone, device)
         values: list[np.ndarray | str] = [""] * len(src)
         with tqdm(total=len(src), unit="img", disable=not self.progress,
                   desc=f"embed {backbone.spec.name}") as bar:

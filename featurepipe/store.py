@@ -48,8 +48,7 @@ __all__ = [
     "entry_key",
 ]
 
-#: Bump when the same spec would compute different features (2: CPU bf16 casts weights).
-FEATURE_FORMAT_VERSION: int = 2
+FEATURE_FORMAT_VERSION: int = 1
 STORE_FORMAT_VERSION: int = 1
 
 _STR = h5py.string_dtype("utf-8")

@@ -236,20 +236,3 @@ def test_cached_rerun_never_builds_the_network(tmp_path, monkeypatch):
     monkeypatch.setattr("featurepipe.embed.load_backbone", refuse)
     again = embed(root, tmp_path / "s.h5", **_fp32())
     assert (again.key, again.n_computed, again.n_rows) == (first.key, 0, 6)
-
-
-def test_cpu_bf16_matches_fp32_and_leaves_the_shared_backbone_fp32():
-    import torch
-    from skimage import data
-
-    bb = load_backbone("efficientnet_lite0")
-    cpu = torch.device("cpu")
-    x = bb.preprocess.eval_transform()(Image.fromarray(data.chelsea())).unsqueeze(0)
-    x = torch.cat([x, x.flip(-1)])
-    exact = forward_features(prepare_model(bb, cpu, "fp32"), x, cpu, "fp32")
-    fast_model = prepare_model(bb, cpu, "bf16")
-    fast = forward_features(fast_model, x, cpu, "bf16")
-    assert next(fast_model.parameters()).dtype == torch.bfloat16
-    assert next(bb.extractor.parameters()).dtype == torch.float32
-    cosine = torch.nn.functional.cosine_similarity(exact, fast)
-    assert cosine.min().item() >= 0.99

@@ -138,7 +138,7 @@ class _EmbedWorker:
         self._job = EmbedJob(source, backbone, config.policy, device, config.precision,
                              config.dtype, config.batch_size, "skip", [], [])
         self._dataset = self._job.dataset(range(len(source)))
-        self._model = prepare_model(backbone, device, config.precision)
+        self._model = prepare_model(backbone, device)
         self._pool = ThreadPoolExecutor(config.threads) if config.threads > 1 else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
