@@ -124,6 +124,28 @@ def autocast_context(device: torch.device, precision: str) -> contextlib.Abstrac
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+@lru_cache(maxsize=1)
+def bound_heap_growth() -> bool:
+    """Pin glibc's mmap threshold so peak memory does not grow with the number of images.
+
+    glibc raises its mmap threshold each time a large block is freed; the forward pass's big
+    activation buffers then come from the heap arena, which fragments and never shrinks. Measured
+    on 5,600 images (lite0, batch 64): RSS climbed 1.15 -> 1.9 GB with the default, stayed at
+    0.9-1.2 GB with the threshold pinned at 128 KiB. Process-wide, glibc only, best effort.
+    """
+    if sys.platform != "linux":
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return bool(libc.mallopt(m_mmap_threshold, 128 * 1024)
+                    and libc.mallopt(m_trim_threshold, 128 * 1024))
+    except (OSError, AttributeError):
+        return False
+
+
 def default_workers(device: torch.device) -> int:
     """Decode workers: leave the cores to the forward pass on CPU, feed the GPU generously."""
     cores = os.cpu_count() or 1
@@ -587,6 +609,7 @@ def _run_shards(job: EmbedJob, shards: list[tuple[str, list[int]]], writer: Stor
         num_workers=workers, collate_fn=_collate, pin_memory=dev.type == "cuda",
         persistent_workers=False, prefetch_factor=4 if workers else None,
     )
+    bound_heap_growth()
     model = prepare_model(job.backbone, dev)
     collector = ShardCollector(job, shards, writer)
     bar = tqdm(total=len(flat), unit="img", disable=not progress, dynamic_ncols=True,

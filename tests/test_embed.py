@@ -236,3 +236,12 @@ def test_cached_rerun_never_builds_the_network(tmp_path, monkeypatch):
     monkeypatch.setattr("featurepipe.embed.load_backbone", refuse)
     again = embed(root, tmp_path / "s.h5", **_fp32())
     assert (again.key, again.n_computed, again.n_rows) == (first.key, 0, 6)
+
+
+@pytest.mark.skipif(sys.platform != "linux",
+                    reason="mallopt is glibc's; other platforms keep their allocator")
+def test_heap_growth_is_bounded_on_linux():
+    from featurepipe.embed import bound_heap_growth
+
+    bound_heap_growth.cache_clear()
+    assert bound_heap_growth() is True
