@@ -16,6 +16,12 @@ Stages (each writes ``WORK/<stage>.json``; ``report`` turns whatever exists into
 - ``curve``: learning curve, 5..100 labelled images per class, 3 seeds, full test set.
 
     python -m benchmarks.fashion_mnist --stages probe,compare,finetune,curve,report
+
+The committed CPU run (results/fashion_mnist.md) used ``--image-size 64 --train-size 10000`` and
+subsampled SVMs. The full setting, for a GPU (all 60,000 training images, no time limit):
+
+    python -m benchmarks.fashion_mnist --stages probe,compare,curve,report \
+        --probe-sizes 96,128,224 --finetune-full --ft-image-size 224 --ft-epochs 10
 """
 
 from __future__ import annotations
