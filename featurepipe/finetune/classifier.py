@@ -191,7 +191,7 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
 
         Without ``y`` the labels come from the source (class subfolders, manifest labels).
         """
-        from featurepipe.embed import resolve_device, resolve_precision
+        from featurepipe.devices import resolve_device, resolve_precision
         from featurepipe.sources import open_source
 
         self._check_params()
@@ -393,7 +393,8 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
     def decision_function(self, X: Any) -> np.ndarray:
         """Logits ``(n_images, n_classes)``; eval preprocessing of the weights. Bad images raise."""
         from featurepipe.decode import DecodePolicy
-        from featurepipe.finetune.loop import autocast_context, to_device
+        from featurepipe.devices import autocast_context
+        from featurepipe.finetune.loop import to_device
         from featurepipe.sources import open_source
 
         check_is_fitted(self, "model_")

@@ -13,7 +13,6 @@ written after epoch ``k`` therefore repeats exactly what an uninterrupted run do
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -23,15 +22,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from featurepipe.devices import autocast_context
+
 __all__ = ["Callback", "Trainer", "autocast_context", "epoch_seeds"]
-
-
-def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """Autocast for bf16/fp16, a no-op for fp32 (same rule as :mod:`featurepipe.embed`)."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
