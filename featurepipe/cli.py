@@ -69,6 +69,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
         if args.workers is not None:
             raise ConfigError("--workers is for the local engine; with --engine ray each worker "
                               "decodes its own batches (size the pool with --concurrency)")
+        if args.compile != "auto":
+            raise ConfigError("--compile is for the local engine; Ray workers run eager")
         report = embed_ray(args.source, args.out, args.backbone, address=args.address,
                            concurrency=args.concurrency,
                            gpus_per_worker=args.gpus_per_worker or 0.0, **common)
@@ -81,7 +83,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
                     if value is not None]
         if ray_only:
             raise ConfigError(f"{', '.join(ray_only)} need --engine ray")
-        report = embed(args.source, args.out, args.backbone, workers=args.workers, **common)
+        report = embed(args.source, args.out, args.backbone, workers=args.workers,
+                       compile=args.compile, **common)
     if args.json:
         _print_json(report.to_dict())
         return 0
@@ -90,7 +93,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
               f"computed {report.n_computed}, reused {report.n_reused}, "
               f"dropped {report.n_dropped}, skipped {report.n_skipped} "
               f"in {report.seconds:.1f}s"
-              + (f" ({report.images_per_second:.1f} img/s on {report.device}, {report.precision})"
+              + (f" ({report.images_per_second:.1f} img/s on {report.device}, {report.precision}"
+                 + (", compiled" if report.compiled else "") + ")"
                  if report.n_computed else ""))
     for sid, reason in report.skipped:
         print(f"  skipped {sid}: {reason}")
@@ -177,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="drop features made with another spec from the store")
     group.add_argument("--add-entry", action="store_true",
                        help="keep features made with another spec beside the new ones")
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                   help="torch.compile the backbone: auto = on CPU under bf16 for runs of "
+                        "2,000+ images (about 2.7x faster forward after a ~25 s compile)")
     p.add_argument("--engine", default="local", choices=["local", "ray"],
                    help="local: this machine (default); ray: Ray Data actors on a Ray cluster "
                         '(needs pip install "featurepipe[ray]"; see docs/ray.md)')

@@ -75,7 +75,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     common = dict(
         test_source=args.test_source, test_size=args.test_size, seed=args.seed,
         backbones=args.backbones, weights=args.weights, image_size=args.image_size,
-        heads=args.heads, classical=[] if args.classical in ("", "none") else args.classical,
+        layer=args.layer, heads=args.heads,
+        classical=[] if args.classical in ("", "none") else args.classical,
         finetune_epochs=args.finetune_epochs, finetune_params=ft_params,
         max_train=_caps(args.max_train), pixel_size=args.pixel_size, hog_size=args.hog_size,
         hog_cell=args.hog_cell, cv=args.cv, n_jobs=args.n_jobs, batch_size=args.batch_size,
@@ -122,6 +123,9 @@ def _add_compare(sub: Any) -> None:
                         "fine-tuned)")
     p.add_argument("--weights", default=None, help="weights for every backbone ('random': tests)")
     p.add_argument("--image-size", type=int, default=None, help="backbone input size")
+    p.add_argument("--layer", default=None,
+                   help="frozen arms use this named layer, globally average-pooled (e.g. "
+                        "blocks.5); default: the penultimate layer")
     p.add_argument("--heads", type=_csv, default=list(DEFAULT_HEADS),
                    help=f"head presets on frozen features (default {','.join(DEFAULT_HEADS)})")
     p.add_argument("--classical", default=",".join(DEFAULT_CLASSICAL),

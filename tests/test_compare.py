@@ -205,3 +205,23 @@ def test_cli_defaults_mirror_the_library():
     assert cli_compare.DEFAULT_CLASSICAL == DEFAULT_CLASSICAL
     assert cli_compare.FINETUNE_STRATEGIES == FINETUNE_STRATEGIES
     assert cli_compare.STRATEGIES == tuple(STRATEGIES)
+
+
+def test_cli_compare_layer_feeds_frozen_arms(run, tmp_path, capsys):
+    """``--layer`` swaps the frozen arms' features for that layer's pooled output."""
+    from featurepipe.backbones import load_backbone, resolve_spec
+
+    layer = "blocks.1"
+    bb = load_backbone(resolve_spec(TINY["backbone"], weights="random", layer=layer,
+                                    image_size=TINY["image_size"]))
+    code = main(["compare", str(run["root"]), "--out", str(tmp_path / "r"), "--heads", "logreg",
+                 "--classical", "none", "--no-finetune", "--test-size", "0.3", "--cv", "2",
+                 "--layer", layer, "--json", *TINY_CLI])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0
+    (emb,) = out["embedding"]
+    assert emb["dim"] == bb.feature_dim != run["res"].embedding[0]["dim"]
+    assert out["settings"]["layer"] == layer
+    assert emb["key"] != run["res"].embedding[0]["key"]  # another layer is another entry
+    assert FeatureStore(tmp_path / "r" / "features.h5").load(emb["key"]).features.shape[1] == \
+        bb.feature_dim

@@ -239,9 +239,50 @@ def test_cached_rerun_never_builds_the_network(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(sys.platform != "linux",
-                    reason="mallopt is glibc's; other platforms keep their allocator")
-def test_heap_growth_is_bounded_on_linux():
-    from featurepipe.embed import bound_heap_growth
+                    reason="malloc_trim is glibc's; other platforms keep their allocator")
+def test_free_heap_is_handed_back_after_every_shard(tmp_path, monkeypatch):
+    import featurepipe.embed as engine
 
-    bound_heap_growth.cache_clear()
-    assert bound_heap_growth() is True
+    assert engine.release_free_heap() is True  # glibc has malloc_trim
+    calls = []
+    real = engine.release_free_heap
+    monkeypatch.setattr(engine, "release_free_heap", lambda: calls.append(1) or real())
+    root = tmp_path / "imgs"
+    write_good_images(root, 7, seed=3)
+    report = embed(root, tmp_path / "s.h5", **_fp32(batch_size=2, shard_size=2))
+    assert report.n_computed == 7
+    assert len(calls) == 4  # shards of 2, 2, 2, 1
+
+
+def test_decode_threads_match_worker_processes_bit_for_bit(mixed_folder, tmp_path):
+    """The CPU default (decode threads between forward passes) changes speed, not features."""
+    root, _ = mixed_folder
+    opts = dict(_fp32(batch_size=3))
+    serial = embed(root, tmp_path / "serial.h5", **opts)
+    opts["workers"] = None  # auto: threads on CPU
+    threaded = embed(root, tmp_path / "threads.h5", **opts)
+    a, b = FeatureStore(tmp_path / "serial.h5").load(), FeatureStore(tmp_path / "threads.h5").load()
+    assert a.ids == b.ids and serial.skipped == threaded.skipped
+    np.testing.assert_array_equal(a.features, b.features)
+
+
+def test_uint8_batches_are_normalised_like_eval_transform_exactly(mixed_folder):
+    """Workers ship uint8 crops; NormalizedInput must rebuild eval_transform's floats exactly."""
+    import torch
+
+    from featurepipe.embed import NormalizedInput, _collate
+
+    root, expected = mixed_folder
+    src = open_source(root)
+    pre = resolve_spec(TINY["backbone"], weights="random", image_size=32)
+    bb = load_backbone(pre)
+    good = [i for i, s in enumerate(src.samples) if expected[s.id] is None][:5]
+    images = [src.load(i, target_size=bb.preprocess.resize_size) for i in good]
+    floats = torch.stack([bb.preprocess.eval_transform()(im) for im in images])
+    _, crops, _ = _collate([(i, bb.preprocess.decode_transform()(im), "")
+                            for i, im in zip(good, images, strict=True)])
+    assert crops.dtype == torch.uint8
+    assert crops.is_contiguous(memory_format=torch.channels_last)
+    norm = NormalizedInput(torch.nn.Identity(), bb.preprocess.mean, bb.preprocess.std)
+    assert torch.equal(norm(crops), floats)
+    assert norm(floats) is floats  # float batches are taken as normalised already

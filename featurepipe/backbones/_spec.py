@@ -169,6 +169,24 @@ class PreprocessSpec:
             (image_size, image_size), resize, self.interpolation, self.mean, self.std, self.crop_pct
         )
 
+    def decode_transform(self) -> Callable[[Any], torch.Tensor]:
+        """PIL RGB image -> uint8 tensor ``(3, H, W)``: the resize and crop of the evaluation.
+
+        The embedding engines ship these uint8 crops from the decode workers (a quarter of the
+        bytes of float32) and normalise whole batches inside the model
+        (:class:`featurepipe.embed.NormalizedInput`) with exactly the arithmetic of the last two
+        steps of :meth:`eval_transform`, so the features are the same bits.
+        """
+        from torchvision.transforms import v2
+
+        return v2.Compose(
+            [
+                v2.Resize(self.resize_size, interpolation=self.interpolation_mode, antialias=True),
+                v2.CenterCrop(self.input_size),
+                v2.ToImage(),
+            ]
+        )
+
     def eval_transform(self) -> Callable[[Any], torch.Tensor]:
         """Build the evaluation transform: PIL RGB image -> float32 tensor ``(3, H, W)``.
 
@@ -186,9 +204,7 @@ class PreprocessSpec:
 
         return v2.Compose(
             [
-                v2.Resize(self.resize_size, interpolation=self.interpolation_mode, antialias=True),
-                v2.CenterCrop(self.input_size),
-                v2.ToImage(),
+                self.decode_transform(),
                 v2.ToDtype(torch.float32, scale=True),
                 v2.Normalize(mean=list(self.mean), std=list(self.std)),
             ]

@@ -100,6 +100,7 @@ def compare(
     backbones: str | Sequence[str] = ("efficientnet_lite0",),
     weights: str | None = None,
     image_size: int | None = None,
+    layer: str | None = None,
     heads: str | Sequence[str] = DEFAULT_HEADS,
     classical: str | Sequence[str] = DEFAULT_CLASSICAL,
     finetune: str | Sequence[str] | None = FINETUNE_STRATEGIES,
@@ -146,6 +147,11 @@ def compare(
         Frozen-feature arms run for each ("which pretrained model should I choose?").
     weights, image_size : optional
         Backbone weights and input size (all backbones and fine-tuning).
+    layer : str, optional
+        Named layer whose globally pooled output the frozen arms use (e.g. ``blocks.5``; an
+        unknown name lists the known ones); default: the pooled penultimate layer.
+        Intermediate layers often transfer better to images far from ImageNet. Fine-tuning
+        always trains the whole network.
     heads : str or sequence of str
         Head presets (:data:`featurepipe.heads.HEAD_PRESETS`) trained on each backbone's features.
     classical : str or sequence of str
@@ -198,7 +204,7 @@ def compare(
         raise ConfigError("no arms to compare: give heads, classical arms or finetune strategies")
     settings = _settings(locals())
     prep = _prepare(source, out, labels, test_source, test_size, seed, bbs, weights, image_size,
-                    batch_size, workers, device, precision, progress, arms, settings, say)
+                    layer, batch_size, workers, device, precision, progress, arms, settings, say)
     ctx = ArmContext(seed=seed, cv=cv, n_jobs=n_jobs, max_train=max_train,
                      finetune_params=_finetune_params(finetune_epochs, finetune_params, weights,
                                                       image_size, device, precision),
@@ -214,10 +220,10 @@ def compare(
 
 
 def _settings(args: dict[str, Any]) -> dict[str, Any]:
-    keep = ("test_size", "seed", "backbones", "weights", "image_size", "heads", "classical",
-            "finetune", "finetune_epochs", "finetune_params", "max_train", "pixel_size",
-            "pixel_mode", "hog_size", "hog_cell", "cv", "n_jobs", "batch_size", "workers",
-            "device", "precision")
+    keep = ("test_size", "seed", "backbones", "weights", "image_size", "layer", "heads",
+            "classical", "finetune", "finetune_epochs", "finetune_params", "max_train",
+            "pixel_size", "pixel_mode", "hog_size", "hog_cell", "cv", "n_jobs", "batch_size",
+            "workers", "device", "precision")
     out = {k: args[k] for k in keep}
     for k in ("backbones", "heads", "classical", "finetune"):
         out[k] = list(_tuple(out[k]))
@@ -229,7 +235,8 @@ def _settings(args: dict[str, Any]) -> dict[str, Any]:
 
 def _prepare(source: Any, out: Path, labels: Any, test_source: Any, test_size: float | int,
              seed: int, bbs: tuple[str, ...], weights: str | None, image_size: int | None,
-             batch_size: int, workers: int | None, device: str, precision: str, progress: bool,
+             layer: str | None, batch_size: int, workers: int | None, device: str,
+             precision: str, progress: bool,
              arms: list[ArmSpec], settings: dict[str, Any],
              say: Callable[[str], None]) -> Prepared:
     needs = {a.features for a in arms}
@@ -241,7 +248,8 @@ def _prepare(source: Any, out: Path, labels: Any, test_source: Any, test_size: f
     # Fine-tuning alone still embeds its backbone once: the store's skipped list is what keeps
     # every arm on the same readable images.
     embed_bbs = frozen or [bbs[0]]
-    embed_kwargs = {"weights": weights, "image_size": image_size, "batch_size": batch_size,
+    embed_kwargs = {"weights": weights, "image_size": image_size, "layer": layer,
+                    "batch_size": batch_size,
                     "workers": workers, "device": device, "precision": precision,
                     "progress": progress}
     return prepare(source, out, labels=labels, test_source=test_source, test_size=test_size,

@@ -90,6 +90,7 @@ def learning_curve(
     backbones: str | Sequence[str] = ("efficientnet_lite0",),
     weights: str | None = None,
     image_size: int | None = None,
+    layer: str | None = None,
     heads: str | Sequence[str] = CURVE_HEADS,
     classical: str | Sequence[str] = CURVE_CLASSICAL,
     finetune: str | Sequence[str] | None = None,
@@ -149,7 +150,7 @@ def learning_curve(
         raise ConfigError("no arms: give heads, classical arms or finetune strategies")
     settings = {**_settings(locals()), "samples_per_class": sizes, "seeds": seeds}
     prep = _prepare(source, out, labels, test_source, test_size, seed, bbs, weights, image_size,
-                    batch_size, workers, device, precision, progress, arms, settings, say)
+                    layer, batch_size, workers, device, precision, progress, arms, settings, say)
     for n in sizes:  # fail before any training when a size is not available
         per_class_subsample(prep.train.labels, n, seed)
     seed_list = [seed + k for k in range(seeds)]
