@@ -183,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="keep features made with another spec beside the new ones")
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
                    help="torch.compile the backbone: auto = on CPU under bf16 for runs of "
-                        "2,000+ images (about 2.7x faster forward after a ~25 s compile)")
+                        "6,000+ images (about 1.2x faster after a 10-25 s compile); on = also "
+                        "under fp32 (about 2x)")
     p.add_argument("--engine", default="local", choices=["local", "ray"],
                    help="local: this machine (default); ray: Ray Data actors on a Ray cluster "
                         '(needs pip install "featurepipe[ray]"; see docs/ray.md)')

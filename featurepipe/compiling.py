@@ -1,28 +1,31 @@
 """Optional ``torch.compile`` of the feature extractor for long embedding runs.
 
-Why: on CPU, eager bf16 autocast re-casts every weight on every call and runs convolution,
-BatchNorm and activation as separate passes over memory. Inductor with ``freezing`` folds
-BatchNorm into the convolutions, pre-packs the weights in bf16 once and fuses the element-wise
-tails. Measured on efficientnet_lite0, 224 px, batch 64, 2 Sapphire Rapids cores
-(``benchmarks/results/throughput-cpu.md``): the forward pass goes from ~63 to ~170 img/s, for a
-one-off compile of ~25 s (~8 s when inductor's on-disk cache already holds the graph).
+Why: eager mode runs every operator as its own pass over memory and, under autocast, re-casts
+each weight on every call. Inductor fuses the element-wise tails into the convolutions' loops.
+Measured on efficientnet_lite0, 224 px, batch 64, real photos, 2 Sapphire Rapids cores
+(see ``docs/architecture.md``): forward pass 75 -> 92 img/s under bf16 autocast, 34 -> 70 img/s
+in fp32 (with ``freezing``), for a one-off compile of 10-25 s (less when inductor's on-disk cache
+already holds the graph).
 
-So ``"auto"`` compiles only where that pays and where nothing changes but speed:
+``freezing`` (BatchNorm folded into the convolutions, weights pre-packed) is used under fp32
+only. Under bf16 it was faster still (147 img/s) but folding BatchNorm into bf16 convolutions
+moves the residual stream from fp32 to bf16: min cosine to fp32 features fell from 0.994 to 0.961
+on 3,072 photos, below the 0.99 the engine promises. So it is not used there.
+
+``"auto"`` compiles only where that pays and where nothing changes but speed:
 
 - on CPU (the GPU path is not measured here yet; ask with ``"on"``);
-- under bf16/fp16 autocast: ``fp32`` stays the exact, eager mode (folding BatchNorm changes the
-  last bits);
+- under bf16/fp16 autocast: ``fp32`` stays the exact, eager mode unless asked (``"on"``);
 - for at least :data:`AUTO_MIN_IMAGES` images (in 224x224 equivalents) to compute: a cached or
   small rerun never waits for a compile;
 - when a C++ compiler is on ``PATH`` (inductor's CPU backend needs one).
 
-Compiled bf16 features differ from eager bf16 ones about as much as two bf16 kernels do (min
-cosine 0.9994 on real photos); both are within the 0.99 budget against fp32, and the store key
-does not change (like the device, the kernel choice is provenance, recorded in the entry's
-``compiled`` attribute). Batches are padded to the full batch size so one graph serves the whole
-run (the short last batch and batches with skipped files do not recompile). Any compile error
-falls back to eager with a :class:`~featurepipe.exceptions.FeaturePipeWarning`: a long run never
-dies for an optimisation.
+Compiled features differ from eager ones at the rounding level of the precision (bf16: min
+cosine 0.9998 between the two); the store key does not change (like the device, the kernel
+choice is provenance, recorded in the entry's ``compiled`` attribute). Batches are padded to the
+full batch size so one graph serves the whole run (the short last batch and batches with skipped
+files do not recompile). Any compile error falls back to eager with a
+:class:`~featurepipe.exceptions.FeaturePipeWarning`: a long run never dies for an optimisation.
 """
 
 from __future__ import annotations
@@ -39,9 +42,9 @@ from featurepipe.exceptions import ConfigError, FeaturePipeWarning
 
 COMPILE_CHOICES = ("auto", "on", "off")
 #: ``auto`` compiles when at least this many 224x224 images' worth of pixels are to be computed
-#: (2,000 at 224 px, 11,000 at 96 px): at ~25 s for a cold compile and 63 -> 170 img/s of
-#: forward pass, compiling pays from about 2,500 images cold and 800 warm.
-AUTO_MIN_IMAGES = 2000
+#: (6,000 at 224 px, 33,000 at 96 px): end to end (decode included) the bf16 gain is about
+#: 66 -> 79 img/s on 2 cores, so a 15 s compile pays from about 6,000 images.
+AUTO_MIN_IMAGES = 6000
 
 
 def has_cxx_compiler() -> bool:
@@ -69,9 +72,10 @@ class CompiledExtractor:
     same shape, layout and tensor kind (an inference tensor and a normal one are two graphs).
     """
 
-    def __init__(self, model: nn.Module, batch_size: int) -> None:
+    def __init__(self, model: nn.Module, batch_size: int, freeze: bool = False) -> None:
         self.eager = model
         self.batch_size = batch_size
+        self.freeze = freeze
         self.compiled: Any = torch.compile(model, dynamic=False)
         self.failed: str | None = None
         self.compile_seconds = 0.0  # wall time of the first call (compile + one batch)
@@ -103,10 +107,10 @@ class CompiledExtractor:
         first = not self.compile_seconds
         t0 = time.perf_counter()
         try:
-            # freezing (BatchNorm folded into convolutions, weights pre-packed) is read when the
-            # graph compiles, on the first call; as torch.compile(options=...) it was measured
-            # slower (128 vs 178 img/s), so the global switch is patched around each call.
-            with inductor_config.patch(freezing=True):
+            # freezing is read when the graph compiles, on the first call; passed as
+            # torch.compile(options=...) it was measured slower (128 vs 178 img/s, bf16), so the
+            # global switch is patched around each call.
+            with inductor_config.patch(freezing=self.freeze):
                 out = self.compiled(self._padded(x))[:n].clone()
         except Exception as exc:  # noqa: BLE001 - any backend failure: fall back, keep going
             return self._fall_back(exc, x)

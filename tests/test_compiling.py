@@ -18,10 +18,10 @@ CPU = torch.device("cpu")
 
 def test_auto_compiles_only_long_low_precision_cpu_runs():
     yes = has_cxx_compiler()
-    assert should_compile("auto", CPU, "bf16", 2000) is yes
-    assert should_compile("auto", CPU, "bf16", 1999) is False  # a small rerun never waits
-    assert should_compile("auto", CPU, "bf16", 10_000, (96, 96)) is False  # 1,837 at 224 px
-    assert should_compile("auto", CPU, "bf16", 11_000, (96, 96)) is yes
+    assert should_compile("auto", CPU, "bf16", 6000) is yes
+    assert should_compile("auto", CPU, "bf16", 5999) is False  # a small rerun never waits
+    assert should_compile("auto", CPU, "bf16", 30_000, (96, 96)) is False  # 5,510 at 224 px
+    assert should_compile("auto", CPU, "bf16", 33_000, (96, 96)) is yes
     assert should_compile("auto", CPU, "fp32", 10**6) is False  # exact mode stays eager
     assert should_compile("auto", torch.device("cuda"), "bf16", 10**6) is False
     assert should_compile("on", CPU, "fp32", 1) is True
