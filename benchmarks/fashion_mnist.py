@@ -282,7 +282,8 @@ def stage_report(args: argparse.Namespace, work: Path) -> None:
                "", f"- fine-tuning input size {ft['settings']['finetune_params'].get('image_size')}"
                f" px, at most {ft['settings']['finetune_epochs']} epochs and "
                f"{ft['settings']['finetune_params'].get('max_minutes')} min per arm; frozen "
-               f"features at {ft['image_size']} px; wall {ft['wall_seconds'] / 60:.1f} min", ""]
+               f"features at {ft['image_size']} px, layer {ft.get('layer') or 'penultimate'}; "
+               f"wall {ft['wall_seconds'] / 60:.1f} min", ""]
     if curve:
         acc = np.asarray(curve["accuracy"])
         md += ["## Learning curve (test accuracy on all 10,000 test images, mean ± std over "

@@ -6,17 +6,16 @@ For each backbone, in one run, at the same resolution and batch size:
   ``torch.no_grad`` -- the loop most tutorials show;
 - eager: ``featurepipe.embed(compile="off")`` end to end (decode threads, uint8 batches,
   autocast, channels_last, store commit; no ``torch.compile``);
-- featurepipe: ``featurepipe.embed`` with its defaults, end to end into a fresh HDF5 store
-  (backbone load, fingerprints, decode, the ``torch.compile`` of ``compile="auto"`` on a cold
-  inductor cache, store commit all included); ``steady`` is the same run without the first
-  batch's compile time;
+- featurepipe: ``featurepipe.embed(compile=--compile)``, end to end into a fresh HDF5 store
+  (backbone load, fingerprints, decode, any ``torch.compile`` on a cold inductor cache, store
+  commit all included); ``steady`` is the same run without the first batch's compile time;
 - ceiling: featurepipe's forward pass alone (same precision, layout and compile) on random uint8
   batches already in memory;
 - cache: the same ``embed`` call again (everything re-used).
 
 Features are compared with the naive fp32 ones (cosine similarity per image).
 
-    python -m benchmarks.throughput --n-images 3072 \
+    python -m benchmarks.throughput --n-images 2048 --compile on \
         --backbones efficientnet_lite0,torchvision:resnet50
 """
 
@@ -93,14 +92,16 @@ def timed_embed(root: Path, store: Path, name: str, weights: str | None, batch_s
 
 
 def bench_backbone(root: Path, name: str, weights: str | None, n: int, batch_size: int,
-                   workers: int | None) -> dict:
+                   workers: int | None, compile_choice: str = "auto") -> dict:
     naive_s, naive_feats = naive_loop(root, name, weights, batch_size)
     with tempfile.TemporaryDirectory() as tmp:
         eager_s, _ = timed_embed(root, Path(tmp) / "eager.h5", name, weights, batch_size,
                                  workers, "off")
         store = Path(tmp) / "bench.h5"
-        first_s, report = timed_embed(root, store, name, weights, batch_size, workers, "auto")
-        cached_s, _ = timed_embed(root, store, name, weights, batch_size, workers, "auto")
+        first_s, report = timed_embed(root, store, name, weights, batch_size, workers,
+                                      compile_choice)
+        cached_s, _ = timed_embed(root, store, name, weights, batch_size, workers,
+                                  compile_choice)
         fs = FeatureStore(store).load()
     ours = fs.features.astype(np.float32)
     ref = np.stack([naive_feats[i] for i in fs.ids])
@@ -131,6 +132,9 @@ def main() -> None:
                     help="backbones timed with random weights (no download; speed is the same)")
     ap.add_argument("--images", default=None, help="image folder to use/keep (default: temp)")
     ap.add_argument("--name", default="throughput-cpu")
+    ap.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                    help="featurepipe's compile setting for the featurepipe column (auto compiles "
+                         "from 6,000 images at 224 px; 'on' shows a long run's speed on fewer)")
     ap.add_argument("--warm-compile-cache", action="store_true",
                     help="keep inductor's on-disk cache (default: a fresh one, so the timed "
                          "compile is a first-ever, cold one)")
@@ -146,7 +150,7 @@ def main() -> None:
     try:
         for name in args.backbones.split(","):
             row = bench_backbone(root, name, "random" if name in random_for else None,
-                                 args.n_images, args.batch_size, args.workers)
+                                 args.n_images, args.batch_size, args.workers, args.compile)
             rows.append(row)
             print({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()})
     finally:
@@ -161,8 +165,8 @@ def main() -> None:
           + markdown_table(rows, cols)
           + "\n\nimg/s, all from files on disk except the ceiling. naive = ImageFolder + "
             "DataLoader + fp32 NCHW model; eager = `featurepipe.embed(compile=\"off\")`; "
-            "featurepipe = `featurepipe.embed` defaults, everything included (backbone load, "
-            "the torch.compile of `compile=\"auto\"` on a "
+            f"featurepipe = `featurepipe.embed(compile=\"{args.compile}\")`, everything "
+            "included (backbone load, the torch.compile on a "
             + ("warm" if args.warm_compile_cache else "cold, empty")
             + " inductor cache: `compile_seconds`, store commit); steady = the same run less the "
             "compile; ceiling = featurepipe's forward pass alone (same precision and compile) on "
