@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="keep features made with another spec beside the new ones")
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
                    help="torch.compile the backbone: auto = on CPU under bf16 for runs of "
-                        "6,000+ images (about 1.2x faster after a 10-25 s compile); on = also "
+                        "6,000+ images (about 1.3x faster after a 10-30 s compile); on = also "
                         "under fp32 (about 2x)")
     p.add_argument("--engine", default="local", choices=["local", "ray"],
                    help="local: this machine (default); ray: Ray Data actors on a Ray cluster "

@@ -2,10 +2,11 @@
 
 Why: eager mode runs every operator as its own pass over memory and, under autocast, re-casts
 each weight on every call. Inductor fuses the element-wise tails into the convolutions' loops.
-Measured on efficientnet_lite0, 224 px, batch 64, real photos, 2 Sapphire Rapids cores
-(see ``docs/architecture.md``): forward pass 75 -> 92 img/s under bf16 autocast, 34 -> 70 img/s
-in fp32 (with ``freezing``), for a one-off compile of 10-25 s (less when inductor's on-disk cache
-already holds the graph).
+Measured on efficientnet_lite0, 224 px, batch 64, real photos, 2 Sapphire Rapids cores: forward
+pass alone 75 -> 92 img/s under bf16 autocast, 34 -> 70 img/s in fp32 (with ``freezing``); end to
+end from JPEG files under bf16, 73.5 -> 96.9 img/s once compiled, for a one-off compile of 29 s
+on a cold inductor cache (``benchmarks/results/throughput-cpu.md``; less when inductor's on-disk
+cache already holds the graph).
 
 ``freezing`` (BatchNorm folded into the convolutions, weights pre-packed) is used under fp32
 only. Under bf16 it was faster still (147 img/s) but folding BatchNorm into bf16 convolutions
@@ -42,9 +43,15 @@ from featurepipe.exceptions import ConfigError, FeaturePipeWarning
 
 COMPILE_CHOICES = ("auto", "on", "off")
 #: ``auto`` compiles when at least this many 224x224 images' worth of pixels are to be computed
-#: (6,000 at 224 px, 33,000 at 96 px): end to end (decode included) the bf16 gain is about
-#: 66 -> 79 img/s on 2 cores, so a 15 s compile pays from about 6,000 images.
+#: (6,000 at 224 px, 33,000 at 96 px): at 73.5 -> 96.9 img/s end to end (bf16, 2 cores), a cold
+#: 29 s compile pays from about 8,800 images and a warm ~8 s one from about 2,400.
 AUTO_MIN_IMAGES = 6000
+
+
+def check_choice(choice: str) -> None:
+    """Refuse anything but ``auto``, ``on`` and ``off``, naming the value."""
+    if choice not in COMPILE_CHOICES:
+        raise ConfigError(f"compile must be one of {', '.join(COMPILE_CHOICES)}; got {choice!r}")
 
 
 def has_cxx_compiler() -> bool:
@@ -55,8 +62,7 @@ def has_cxx_compiler() -> bool:
 def should_compile(choice: str, device: torch.device, precision: str, n_images: int,
                    input_size: tuple[int, int] = (224, 224)) -> bool:
     """Resolve ``"auto" | "on" | "off"`` for one run (see the module docstring for the rules)."""
-    if choice not in COMPILE_CHOICES:
-        raise ConfigError(f"compile must be one of {', '.join(COMPILE_CHOICES)}; got {choice!r}")
+    check_choice(choice)
     if choice != "auto":
         return choice == "on"
     work = n_images * input_size[0] * input_size[1] / (224 * 224)

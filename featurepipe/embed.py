@@ -31,7 +31,7 @@ from featurepipe.backbones import (
     load_backbone,
     resolve_spec,
 )
-from featurepipe.compiling import COMPILE_CHOICES, CompiledExtractor, should_compile
+from featurepipe.compiling import CompiledExtractor, check_choice, should_compile
 from featurepipe.decode import DecodePolicy
 from featurepipe.devices import (  # noqa: F401 - re-exported: engine callers use these names
     PRECISIONS,
@@ -85,7 +85,8 @@ def release_free_heap() -> bool:
     measured on 5,600 images (lite0, batch 64), RSS climbed 1.15 -> 1.9 GB with nothing done.
     An earlier fix pinned the mmap threshold instead, so every large buffer was a fresh mmap;
     that bounded memory but page-faulted on every batch and cost a quarter of the forward speed
-    (149 -> 112 img/s compiled). Trimming once per ~1,000 images costs nothing measurable.
+    (149 -> 112 img/s compiled). A trim runs once per shard (~1,000 images, seconds of work);
+    peak RSS grew 40 MB from 2,000 to 20,000 images with it (``benchmarks/results/memory.md``).
     """
     libc = _libc()
     if libc is None or not hasattr(libc, "malloc_trim"):
@@ -369,8 +370,8 @@ def embed(
     compile : {"auto", "on", "off"}
         ``torch.compile`` the extractor (see :mod:`featurepipe.compiling`). ``auto`` does on CPU
         under bf16 for runs of at least 6,000 images to compute (at 224 px; more at smaller
-        sizes): about 1.2x end to end for a 10-25 s compile. ``on`` under fp32: about 2x the
-        forward speed, features equal to eager within 1e-6.
+        sizes): 73.5 -> 96.9 img/s end to end (lite0, 2 cores) after a 29 s cold compile.
+        ``on`` under fp32: about 2x the forward speed, features equal to eager within 1e-6.
     dtype : {"float16", "float32"}
         How features are stored.
     on_error : {"skip", "raise"}
@@ -395,8 +396,7 @@ def embed(
     (1200, 3)
     """
     _validate(batch_size, dtype, on_error, workers)
-    if compile not in COMPILE_CHOICES:
-        raise ConfigError(f"compile must be one of {', '.join(COMPILE_CHOICES)}; got {compile!r}")
+    check_choice(compile)
     t0 = time.perf_counter()
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
