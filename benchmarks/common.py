@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -30,20 +31,27 @@ def make_photo_folder(root: str | os.PathLike, n: int, *, size: tuple[int, int] 
     photos = [Image.fromarray(p).convert("RGB") for p in photos]
     rng = np.random.default_rng(seed)
     root = Path(root)
-    for i in range(n):
+    for c in range(classes):
+        (root / f"class_{c}").mkdir(parents=True, exist_ok=True)
+
+    def write(i: int, scale: float, fx: float, fy: float, flip: bool) -> None:
         path = root / f"class_{i % classes}" / f"img_{i:06d}.jpg"
         if path.exists():
-            continue
-        path.parent.mkdir(parents=True, exist_ok=True)
+            return
         photo = photos[i % len(photos)]
         w, h = photo.size
-        scale = rng.uniform(0.5, 1.0)
         cw, ch = int(w * scale), int(h * scale)
-        x, y = rng.integers(0, w - cw + 1), rng.integers(0, h - ch + 1)
+        x, y = int(fx * (w - cw + 1)), int(fy * (h - ch + 1))
         img = photo.crop((x, y, x + cw, y + ch)).resize(size)
-        if rng.random() < 0.5:
+        if flip:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         img.save(path, quality=quality)
+
+    # The random draws happen here, in order, so the files do not depend on thread timing.
+    draws = [(i, rng.uniform(0.5, 1.0), rng.random(), rng.random(), rng.random() < 0.5)
+             for i in range(n)]
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # PIL resizes and encodes GIL-free
+        list(pool.map(lambda d: write(*d), draws))
     return root
 
 

@@ -40,7 +40,8 @@ from featurepipe.store import FeatureStore
 
 
 def naive_loop(root: Path, name: str, weights: str | None, batch_size: int) -> tuple[float, dict]:
-    """The tutorial: ImageFolder + DataLoader(batch_size) + fp32 NCHW model, no tricks."""
+    """The tutorial: ImageFolder + DataLoader(batch_size) + fp32 NCHW model (on the GPU when
+    there is one), no tricks."""
     from torchvision import datasets
     from torchvision import transforms as T
 
@@ -51,12 +52,13 @@ def naive_loop(root: Path, name: str, weights: str | None, batch_size: int) -> t
                     T.ToTensor(), T.Normalize(p.mean, p.std)])
     ds = datasets.ImageFolder(str(root), transform=tf)
     loader = DataLoader(ds, batch_size=batch_size)
-    model = bb.extractor.eval()
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = bb.extractor.eval().to(dev)
     t0 = time.perf_counter()
     outs = []
     with torch.no_grad():
         for x, _ in loader:
-            outs.append(model(x))
+            outs.append(model(x.to(dev)).cpu())
     seconds = time.perf_counter() - t0
     feats = torch.cat(outs).numpy()
     ids = [Path(path).relative_to(root).as_posix() for path, _ in ds.samples]
@@ -64,8 +66,11 @@ def naive_loop(root: Path, name: str, weights: str | None, batch_size: int) -> t
 
 
 def ceiling(name: str, weights: str | None, batch_size: int, n: int, precision: str,
-            compiled: bool) -> float:
-    """Forward-only images/s on uint8 batches already in memory, as featurepipe runs them."""
+            compiled: bool, on_device: bool = False) -> float:
+    """Forward-only images/s on uint8 batches already in memory, as featurepipe runs them.
+
+    ``on_device``: the batch already sits in GPU memory (no host-to-device copy per batch).
+    """
     from featurepipe.compiling import CompiledExtractor
 
     bb = load_backbone(resolve_spec(name, weights=weights))
@@ -74,6 +79,8 @@ def ceiling(name: str, weights: str | None, batch_size: int, n: int, precision: 
     model = CompiledExtractor(module, batch_size) if compiled else module
     x = torch.randint(0, 256, (batch_size, 3, *bb.preprocess.input_size), dtype=torch.uint8)
     x = x.contiguous(memory_format=torch.channels_last)
+    if on_device:
+        x = x.to(dev)
     for _ in range(2):  # warm-up (and compile)
         fp_embed.forward_features(model, x, dev, precision)
     batches = max(1, n // batch_size)
@@ -84,10 +91,12 @@ def ceiling(name: str, weights: str | None, batch_size: int, n: int, precision: 
 
 
 def timed_embed(root: Path, store: Path, name: str, weights: str | None, batch_size: int,
-                workers: int | None, compile_choice: str) -> tuple[float, fp_embed.EmbedReport]:
+                workers: int | None, compile_choice: str, decoder: str = "pil"
+                ) -> tuple[float, fp_embed.EmbedReport]:
     t0 = time.perf_counter()
     report = fp_embed.embed(root, store, name, weights=weights, batch_size=batch_size,
-                            workers=workers, compile=compile_choice, progress=False)
+                            workers=workers, compile=compile_choice, decoder=decoder,
+                            progress=False)
     return time.perf_counter() - t0, report
 
 
@@ -103,11 +112,23 @@ def bench_backbone(root: Path, name: str, weights: str | None, n: int, batch_siz
         cached_s, _ = timed_embed(root, store, name, weights, batch_size, workers,
                                   compile_choice)
         fs = FeatureStore(store).load()
-    ours = fs.features.astype(np.float32)
-    ref = np.stack([naive_feats[i] for i in fs.ids])
-    cos = np.sum(ours * ref, 1) / (np.linalg.norm(ours, axis=1) * np.linalg.norm(ref, axis=1))
-    ceil = ceiling(name, weights, batch_size, min(n, 1024), report.precision, report.compiled)
+        gpu = {}
+        if torch.cuda.is_available():  # JPEGs decoded on the GPU (nvjpeg), same everything else
+            nv_store = Path(tmp) / "nvjpeg.h5"
+            nv_s, _ = timed_embed(root, nv_store, name, weights, batch_size, workers, "off",
+                                  "nvjpeg")
+            nv = FeatureStore(nv_store).load()
+            gpu = {"nvjpeg_img_s": n / nv_s,
+                   "nvjpeg_cosine_min": float(cosine(nv.features, naive_feats, nv.ids).min())}
+    cos = cosine(fs.features, naive_feats, fs.ids)
+    timed = min(n, 4096 if torch.cuda.is_available() else 1024)
+    ceil = ceiling(name, weights, batch_size, timed, report.precision, report.compiled)
     steady_s = first_s - report.compile_seconds
+    if gpu:
+        gpu["ceiling_on_device_img_s"] = ceiling(name, weights, batch_size, timed,
+                                                 report.precision, report.compiled, True)
+        gpu["nvjpeg_fraction_of_device_ceiling"] = (gpu["nvjpeg_img_s"]
+                                                    / gpu["ceiling_on_device_img_s"])
     return {
         "backbone": name, "weights": weights or "pretrained", "n_images": n,
         "batch_size": batch_size, "precision": report.precision, "device": report.device,
@@ -118,8 +139,15 @@ def bench_backbone(root: Path, name: str, weights: str | None, n: int, batch_siz
         "fraction_of_ceiling": (n / steady_s) / ceil,
         "cached_rerun_seconds": cached_s, "first_run_seconds": first_s,
         "cache_speedup": first_s / cached_s,
-        "cosine_min": float(cos.min()), "cosine_mean": float(cos.mean()),
+        "cosine_min": float(cos.min()), "cosine_mean": float(cos.mean()), **gpu,
     }
+
+
+def cosine(features: np.ndarray, reference: dict, ids: list[str]) -> np.ndarray:
+    """Per-image cosine similarity of ``features`` with the naive fp32 ones of the same files."""
+    ours = features.astype(np.float32)
+    ref = np.stack([reference[i] for i in ids])
+    return np.sum(ours * ref, 1) / (np.linalg.norm(ours, axis=1) * np.linalg.norm(ref, axis=1))
 
 
 def main() -> None:
@@ -131,7 +159,8 @@ def main() -> None:
     ap.add_argument("--random-weights-for", default="torchvision:resnet50",
                     help="backbones timed with random weights (no download; speed is the same)")
     ap.add_argument("--images", default=None, help="image folder to use/keep (default: temp)")
-    ap.add_argument("--name", default="throughput-cpu")
+    ap.add_argument("--name", default=None,
+                    help="result file name (default throughput-gpu or throughput-cpu)")
     ap.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
                     help="featurepipe's compile setting for the featurepipe column (auto compiles "
                          "from 6,000 images at 224 px; 'on' shows a long run's speed on fewer)")
@@ -139,6 +168,7 @@ def main() -> None:
                     help="keep inductor's on-disk cache (default: a fresh one, so the timed "
                          "compile is a first-ever, cold one)")
     args = ap.parse_args()
+    args.name = args.name or ("throughput-gpu" if torch.cuda.is_available() else "throughput-cpu")
     if not args.warm_compile_cache:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-cold-")
 
@@ -160,6 +190,9 @@ def main() -> None:
             "featurepipe_img_s", "compile_seconds", "steady_img_s", "ceiling_img_s",
             "speedup_vs_naive", "steady_speedup_vs_naive", "fraction_of_ceiling",
             "cache_speedup", "cosine_min"]
+    if torch.cuda.is_available():
+        cols += ["nvjpeg_img_s", "ceiling_on_device_img_s", "nvjpeg_fraction_of_device_ceiling",
+                 "nvjpeg_cosine_min"]
     md = (f"# Embedding throughput ({args.n_images} JPEG files, 500x375, "
           f"batch {args.batch_size})\n\n"
           + markdown_table(rows, cols)
@@ -171,7 +204,11 @@ def main() -> None:
             + " inductor cache: `compile_seconds`, store commit); steady = the same run less the "
             "compile; ceiling = featurepipe's forward pass alone (same precision and compile) on "
             "uint8 batches in memory; fraction_of_ceiling = steady / ceiling; cosine = "
-            "featurepipe features vs naive fp32 features of the same files.")
+            "featurepipe features vs naive fp32 features of the same files."
+          + (" On the GPU: nvjpeg = `featurepipe.embed(decoder=\"nvjpeg\")` (JPEGs decoded "
+             "and resized on the GPU); ceiling_on_device = the forward pass on a uint8 batch "
+             "already in GPU memory (no host-to-device copy)." if torch.cuda.is_available()
+             else ""))
     write_results(args.name, {"machine": machine(), "args": vars(args), "rows": rows}, md)
     print(md)
 

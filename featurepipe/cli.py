@@ -71,6 +71,9 @@ def cmd_embed(args: argparse.Namespace) -> int:
                               "decodes its own batches (size the pool with --concurrency)")
         if args.compile != "auto":
             raise ConfigError("--compile is for the local engine; Ray workers run eager")
+        if args.decoder != "pil":
+            raise ConfigError("--decoder nvjpeg is for the local engine; Ray workers decode "
+                              "with Pillow")
         report = embed_ray(args.source, args.out, args.backbone, address=args.address,
                            concurrency=args.concurrency,
                            gpus_per_worker=args.gpus_per_worker or 0.0, **common)
@@ -84,7 +87,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
         if ray_only:
             raise ConfigError(f"{', '.join(ray_only)} need --engine ray")
         report = embed(args.source, args.out, args.backbone, workers=args.workers,
-                       compile=args.compile, **common)
+                       compile=args.compile, decoder=args.decoder, **common)
     if args.json:
         _print_json(report.to_dict())
         return 0
@@ -185,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile the backbone: auto = on CPU under bf16 for runs of "
                         "6,000+ images (about 1.3x faster after a 10-30 s compile); on = also "
                         "under fp32 (about 2x)")
+    p.add_argument("--decoder", default="pil", choices=["pil", "nvjpeg"],
+                   help="pil: decode on the CPU (default); nvjpeg: decode JPEGs on the CUDA GPU "
+                        "in batches (other files still use Pillow; part of the store key)")
     p.add_argument("--engine", default="local", choices=["local", "ray"],
                    help="local: this machine (default); ray: Ray Data actors on a Ray cluster "
                         '(needs pip install "featurepipe[ray]"; see docs/ray.md)')

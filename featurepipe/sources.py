@@ -133,6 +133,11 @@ class ImageSource:
 
     # -- columns ---------------------------------------------------------------------------
 
+    @property
+    def paths(self) -> list[str] | None:
+        """File path of every sample, or None for array sources."""
+        return self._paths
+
     def __len__(self) -> int:
         return len(self._ids)
 

@@ -217,7 +217,8 @@ def _finetune(arm: ArmSpec, train: Part, test: Part, ctx: ArmContext
     best = est.history_[est.best_epoch_ - 1] if est.history_ else {}
     shown = {k: v for k, v in est.get_params().items()
              if k in ("epochs", "lr", "batch_size", "image_size", "val_size", "weights",
-                      "augment", "backbone_lr_factor", "early_stopping")}
+                      "augment", "backbone_lr_factor", "early_stopping", "label_smoothing",
+                      "warmup_epochs")}
     extra = {
         "epochs_run": len(est.history_), "best_epoch": est.best_epoch_,
         "best_val_acc": best.get("val_acc"), "n_val": est.n_val_,
