@@ -374,7 +374,8 @@ def stage_report(args: argparse.Namespace, work: Path) -> None:
              "autocast.", "",
            "Published rows are quoted from the Fashion-MNIST README/benchmark for context; they "
            "were not re-run here. Timings were taken on a 2-core machine shared with other jobs "
-           "(load averages are in the JSON); treat them as rough.", ""]
+           "(load averages are in the JSON); treat them as rough. The footer names the machine "
+           "that wrote this report and ran the CPU stages; the GPU runs name theirs above.", ""]
     payload = {"machine": machine(), "args": vars(args), "published": PUBLISHED,
                "probe": probe, "compare": comp, "finetune": ft, "finetune_full": gpu_ft,
                "finetune_full_runs": [{k: v for k, v in r.items() if k != "embedding"}
