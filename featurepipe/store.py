@@ -48,7 +48,9 @@ __all__ = [
     "entry_key",
 ]
 
-FEATURE_FORMAT_VERSION: int = 1
+#: Bumped when the same image and spec give other feature values: 2 = the resize computes only
+#: the centre crop (``ResizeCenterCrop``), 1-level pixel differences from version 1.
+FEATURE_FORMAT_VERSION: int = 2
 STORE_FORMAT_VERSION: int = 1
 
 _STR = h5py.string_dtype("utf-8")

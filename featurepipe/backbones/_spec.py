@@ -179,19 +179,15 @@ class PreprocessSpec:
         """
         from torchvision.transforms import v2
 
-        return v2.Compose(
-            [
-                v2.Resize(self.resize_size, interpolation=self.interpolation_mode, antialias=True),
-                v2.CenterCrop(self.input_size),
-                v2.ToImage(),
-            ]
-        )
+        return v2.Compose([ResizeCenterCrop(self.resize_size, self.input_size,
+                                            self.interpolation_mode), v2.ToImage()])
 
     def eval_transform(self) -> Callable[[Any], torch.Tensor]:
         """Build the evaluation transform: PIL RGB image -> float32 tensor ``(3, H, W)``.
 
         Resize (shorter side, antialiased) -> centre crop -> tensor in [0, 1] -> normalise,
-        the order timm and torchvision evaluate their weights with.
+        the order timm and torchvision evaluate their weights with (the resize computes only the
+        pixels the crop keeps: :class:`ResizeCenterCrop`).
 
         Examples
         --------
@@ -441,3 +437,59 @@ def _unknown_name_message(raw: str) -> str:
     hints += difflib.get_close_matches(bare, list(LITE_MODELS), n=2)
     did_you_mean = f" Did you mean {' or '.join(repr(h) for h in hints)}?" if hints else ""
     return f"unknown backbone {raw!r}.{did_you_mean} Known: {known_forms()}"
+
+
+class ResizeCenterCrop:
+    """``v2.Resize(resize_size)`` then ``v2.CenterCrop(crop_size)``, computing only the crop.
+
+    On a PIL image that is downsampled, the two steps are one ``Image.resize(crop, box=...)``:
+    Pillow resamples just the source region that lands in the crop, with the same scale and
+    filter. On the 500x375 benchmark photos this takes 0.96 instead of 1.64 ms per photo (after
+    JPEG decoding, 1.05 ms, the largest per-image CPU cost). Pixels are not bit-equal to
+    resize-then-crop: Pillow's box path rounds differently, by 1 level in 0.006% of values on
+    those photos and by up to 3 levels in up to ~20% of values at some portrait sizes. lite0
+    features of 64 photos of random sizes stayed within cosine 0.99983 of the two-step ones
+    (fp32). Every path (engines, ``eval_transform``, fine-tuning) uses this class, so they agree
+    bit for bit with each other (feature-format version 2). Tensors, upsampling, a crop larger
+    than the resized image and ``(h, w)`` resizes take the two torchvision steps. Picklable.
+    """
+
+    def __init__(self, resize_size: int | tuple[int, ...], crop_size: tuple[int, int],
+                 interpolation: Any) -> None:
+        self.resize_size, self.crop_size = resize_size, tuple(crop_size)
+        self.interpolation = interpolation
+
+    def __call__(self, img: Any) -> Any:
+        from PIL import Image
+        from torchvision.transforms import v2
+
+        box = self._box(img.size) if isinstance(img, Image.Image) else None
+        if box is None:
+            img = v2.functional.resize(img, self.resize_size, self.interpolation,
+                                       antialias=True)
+            return v2.functional.center_crop(img, list(self.crop_size))
+        from torchvision.transforms.functional import pil_modes_mapping
+
+        th, tw = self.crop_size
+        return img.resize((tw, th), pil_modes_mapping[self.interpolation], box=box)
+
+    def _box(self, size: tuple[int, int]) -> tuple[float, float, float, float] | None:
+        """Source box of the crop, with torchvision's rounding; None when it cannot apply."""
+        if isinstance(self.resize_size, (tuple, list)):
+            if len(self.resize_size) != 1:
+                return None
+            short_target = int(self.resize_size[0])
+        else:
+            short_target = int(self.resize_size)
+        w, h = size
+        short, long = (w, h) if w <= h else (h, w)
+        new_long = int(short_target * long / short)  # as torchvision's Resize computes it
+        nw, nh = (short_target, new_long) if w <= h else (new_long, short_target)
+        th, tw = self.crop_size
+        if nw < tw or nh < th:
+            return None  # CenterCrop would pad
+        if nw > w or nh > h:
+            return None  # upsampling: Pillow's box path rounds differently (up to 2 levels)
+        top, left = int(round((nh - th) / 2.0)), int(round((nw - tw) / 2.0))
+        sx, sy = w / nw, h / nh
+        return (left * sx, top * sy, (left + tw) * sx, (top + th) * sy)
