@@ -4,7 +4,7 @@ Why: eager mode runs every operator as its own pass over memory and, under autoc
 each weight on every call. Inductor fuses the element-wise tails into the convolutions' loops.
 Measured on efficientnet_lite0, 224 px, batch 64, real photos, 2 Sapphire Rapids cores: forward
 pass alone 75 -> 92 img/s under bf16 autocast, 34 -> 70 img/s in fp32 (with ``freezing``); end to
-end from JPEG files under bf16, 73.5 -> 96.9 img/s once compiled, for a one-off compile of 29 s
+end from JPEG files under bf16, 70.8 -> 99.0 img/s once compiled, for a one-off compile of 29 s
 on a cold inductor cache (``benchmarks/results/throughput-cpu.md``; less when inductor's on-disk
 cache already holds the graph).
 
@@ -43,8 +43,8 @@ from featurepipe.exceptions import ConfigError, FeaturePipeWarning
 
 COMPILE_CHOICES = ("auto", "on", "off")
 #: ``auto`` compiles when at least this many 224x224 images' worth of pixels are to be computed
-#: (6,000 at 224 px, 33,000 at 96 px): at 73.5 -> 96.9 img/s end to end (bf16, 2 cores), a cold
-#: 29 s compile pays from about 8,800 images and a warm ~8 s one from about 2,400.
+#: (6,000 at 224 px, 33,000 at 96 px): at 70.8 -> 99.0 img/s end to end (bf16, 2 cores), a cold
+#: 29 s compile pays from about 7,200 images and a warm ~8 s one from about 2,000.
 AUTO_MIN_IMAGES = 6000
 
 
