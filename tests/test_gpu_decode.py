@@ -11,7 +11,7 @@ from PIL import Image
 
 from featurepipe.embed import embed, key_parts
 from featurepipe.exceptions import ConfigError
-from featurepipe.gpu_decode import check_decoder, nvjpeg_eligible
+from featurepipe.gpu_decode import check_decoder, nvjpeg_eligible, resize_grouped
 from tests.helpers import TINY, write_odd_images
 
 
@@ -61,3 +61,18 @@ def test_decoder_enters_the_key_only_when_not_pillow():
     assert "decoder" not in default  # stores made before the option keep their keys
     assert default == key_parts(desc, DecodePolicy(), "fp32", "float16", "pil")
     assert key_parts(desc, DecodePolicy(), "fp32", "float16", "nvjpeg")["decoder"] == "nvjpeg"
+
+
+def test_grouped_resize_equals_one_image_at_a_time():
+    from torchvision.transforms import v2
+
+    rng = np.random.default_rng(1)
+    shapes = [(3, 375, 500), (3, 500, 375), (3, 375, 500), (3, 90, 120), (3, 375, 500)]
+    images = [torch.from_numpy(rng.integers(0, 256, s, dtype=np.uint8)) for s in shapes]
+    resize = v2.Compose([v2.Resize(64, interpolation=v2.InterpolationMode.BICUBIC,
+                                   antialias=True), v2.CenterCrop(56)])
+    got = resize_grouped(images, resize)
+    assert len(got) == len(images)
+    for im, crop in zip(images, got, strict=True):
+        assert crop.dtype == torch.uint8 and crop.shape == (3, 56, 56)
+        torch.testing.assert_close(crop, resize(im), rtol=0, atol=0)
