@@ -662,11 +662,22 @@ def _loader(job: EmbedJob, flat: list[int], shards: list[tuple[str, list[int]]],
         return GPUDecodeLoader(dataset, flat, None if paths is None else [paths[i] for i in flat],
                                batches, job.backbone.preprocess, job.policy.max_pixels, dev,
                                threads=workers or default_read_threads())
-    if workers is None and dev.type == "cpu":
+    return batch_loader(dataset, batches, dev, workers)
+
+
+def batch_loader(dataset: _SourceDataset, batches: Any, device: torch.device,
+                 workers: int | None) -> Any:
+    """``(indices, uint8 batch, reasons)`` over ``batches`` (lists of dataset positions).
+
+    Threads in this process on a CPU when ``workers`` is None (:class:`_DecodeInThreads`),
+    else ``workers`` DataLoader processes (default: :func:`default_workers`). Shared by the
+    engine and :class:`~featurepipe.estimators.ImageEmbedder`.
+    """
+    if workers is None and device.type == "cpu":
         return _DecodeInThreads(dataset, batches, torch.get_num_threads())
-    n = default_workers(dev) if workers is None else workers
+    n = default_workers(device) if workers is None else workers
     return DataLoader(dataset, batch_sampler=batches, num_workers=n, collate_fn=_collate,
-                      pin_memory=dev.type == "cuda", persistent_workers=False,
+                      pin_memory=device.type == "cuda", persistent_workers=False,
                       prefetch_factor=4 if n else None)
 
 

@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
+import torch
 from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin, clone
 from sklearn.utils.validation import check_is_fitted
 
@@ -165,7 +166,8 @@ class ImageEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
     device : str, default="auto"
         ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
     workers : int or None, default=None
-        DataLoader decode workers (None: chosen for the device).
+        Decode worker processes; None: decode threads alternating with the forward pass on a
+        CPU, worker processes on a GPU (as the embedding engine does).
     cache : str, PathLike or None, default=None
         An HDF5 feature store the features are read from and written to (shared between
         processes). None: features are only memoised in this process.
@@ -363,18 +365,18 @@ class ImageEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
 
     def _compute(self, src: ImageSource) -> list[np.ndarray | str]:
         """Embed every image of ``src`` in memory: a feature row, or why it failed."""
-        from torch.utils.data import DataLoader
         from tqdm.auto import tqdm
 
         backbone = self._loaded()
         device = _engine.resolve_device(self.device)
         pre, policy = backbone.preprocess, DecodePolicy()
+        # uint8 crops normalised inside the model: the engine's path, bit-equal to eval_transform.
         dataset = _engine._SourceDataset(
-            src, range(len(src)), pre.eval_transform(), policy, pre.input_size,
-            pre.resize_size if policy.reduce_on_load else None)
-        workers = _engine.default_workers(device) if self.workers is None else self.workers
-        loader = DataLoader(dataset, batch_size=self.batch_size, num_workers=workers,
-                            collate_fn=_engine._collate, pin_memory=device.type == "cuda")
+            src, range(len(src)), pre.decode_transform(), policy, pre.input_size,
+            pre.resize_size if policy.reduce_on_load else None, fill_dtype=torch.uint8)
+        batches = [list(range(s, min(s + self.batch_size, len(src))))
+                   for s in range(0, len(src), self.batch_size)]
+        loader = _engine.batch_loader(dataset, batches, device, self.workers)
         model = _engine.prepare_model(backbone, device)
         values: list[np.ndarray | str] = [""] * len(src)
         with tqdm(total=len(src), unit="img", disable=not self.progress,
