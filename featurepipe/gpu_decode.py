@@ -17,6 +17,7 @@ decode policy are exactly those of the CPU path. The pixels differ slightly from
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import queue
@@ -113,18 +114,21 @@ class GPUDecodeLoader:
     def __iter__(self) -> Iterator[tuple[list[int], torch.Tensor, list[str]]]:
         q: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
-        stream = torch.cuda.Stream(self.device)
+        # On a CPU device (tests: torchvision decodes JPEG batches there too) no stream is needed.
+        cuda = self.device.type == "cuda"
+        stream = torch.cuda.Stream(self.device) if cuda else None
 
         def produce() -> None:
             try:
                 pool = ThreadPoolExecutor(self.threads, thread_name_prefix="featurepipe-read")
-                with pool, torch.cuda.stream(stream):
+                with pool, (torch.cuda.stream(stream) if cuda else contextlib.nullcontext()):
                     for batch in self.batches:
                         if stop.is_set():
                             return
                         item = self._batch(batch, pool)
-                        done = torch.cuda.Event()
-                        done.record(stream)
+                        done = torch.cuda.Event() if cuda else None
+                        if done is not None:
+                            done.record(stream)
                         q.put((item, done))
                 q.put(None)
             except BaseException as exc:  # noqa: BLE001 - re-raised in the consuming thread
@@ -137,9 +141,10 @@ class GPUDecodeLoader:
                 if isinstance(got, BaseException):
                     raise got
                 (idx, x, reasons), done = got
-                current = torch.cuda.current_stream(self.device)
-                current.wait_event(done)
-                x.record_stream(current)
+                if done is not None:
+                    current = torch.cuda.current_stream(self.device)
+                    current.wait_event(done)
+                    x.record_stream(current)
                 yield idx, x, reasons
         finally:
             stop.set()

@@ -76,3 +76,74 @@ def test_grouped_resize_equals_one_image_at_a_time():
     for im, crop in zip(images, got, strict=True):
         assert crop.dtype == torch.uint8 and crop.shape == (3, 56, 56)
         torch.testing.assert_close(crop, resize(im), rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------- the loader, run on the CPU
+# torchvision decodes JPEG batches on the CPU too, so the loader's routing, ordering, fallback
+# and thread hand-off are tested here; tests/test_gpu.py runs it on CUDA.
+
+
+def _loader(root, batch: int = 4):
+    from featurepipe.backbones import PreprocessSpec
+    from featurepipe.decode import DecodePolicy
+    from featurepipe.embed import _SourceDataset
+    from featurepipe.gpu_decode import GPUDecodeLoader
+    from featurepipe.sources import open_source
+
+    pre = PreprocessSpec((32, 32), 36, "bicubic", (0.5,) * 3, (0.5,) * 3, 0.875)
+    source = open_source(root)
+    flat = list(range(len(source)))
+    policy = DecodePolicy()
+    dataset = _SourceDataset(source, flat, pre.decode_transform(), policy, pre.input_size,
+                             pre.resize_size, fill_dtype=torch.uint8)
+    batches = [flat[s:s + batch] for s in range(0, len(flat), batch)]
+    loader = GPUDecodeLoader(dataset, flat, source.paths, batches, pre, policy.max_pixels,
+                             torch.device("cpu"), threads=2)
+    return loader, dataset, source
+
+
+def test_loader_routes_jpegs_and_keeps_every_other_file_on_pillow(mixed_folder):
+    root, expected = mixed_folder
+    loader, dataset, source = _loader(root)
+    seen = []
+    for idx, x, reasons in loader:
+        assert x.dtype == torch.uint8 and x.shape == (len(idx), 3, 32, 32)
+        for k, i in enumerate(idx):
+            _, cpu_crop, cpu_reason = dataset[i]
+            assert reasons[k] == cpu_reason  # same skip reasons as the CPU decoder
+            name = source.samples[i].id
+            if name.endswith(".jpg") and "img_" in name:  # good RGB JPEGs: decoded by the loader
+                diff = (x[k].int() - cpu_crop.int()).abs().float()
+                assert diff.max() <= 2 and diff.mean() < 0.5  # tensor vs Pillow resampling
+            else:  # PNG, GIF, CMYK, broken files: Pillow's own crop (or the zero fill)
+                torch.testing.assert_close(x[k], cpu_crop, rtol=0, atol=0)
+            seen.append(i)
+    assert seen == list(range(len(source)))  # every row once, in order
+    n_jpeg = sum(1 for s in source.samples if s.id.endswith(".jpg") and "img_" in s.id)
+    assert (loader.n_gpu, loader.n_cpu) == (n_jpeg, len(source) - n_jpeg)
+    assert sorted(s.id for s, r in zip(source.samples, [dataset[i][2] for i in seen],
+                                       strict=True) if r) == sorted(
+        k for k, why in expected.items() if why)
+
+
+def test_loader_stops_its_thread_when_the_consumer_stops_early(mixed_folder):
+    import threading
+
+    root, _ = mixed_folder
+    loader, _, _ = _loader(root, batch=2)
+    it = iter(loader)
+    next(it)
+    it.close()  # what a ``break`` or an exception in the forward pass does
+    assert not [t for t in threading.enumerate() if t.name == "featurepipe-gpu-decode"]
+
+
+def test_loader_raises_a_producer_error_in_the_consumer(mixed_folder):
+    root, _ = mixed_folder
+    loader, _, _ = _loader(root)
+
+    def broken(_images):
+        raise RuntimeError("resize exploded")
+
+    loader.resize = broken
+    with pytest.raises(RuntimeError, match="resize exploded"):
+        list(loader)
