@@ -4,8 +4,9 @@ On a GPU machine the forward pass outruns CPU decoding by an order of magnitude:
 H100 with 16 cores (``benchmarks/results/throughput-gpu.md``), Pillow decode + resize of 500x375
 JPEGs in 15 processes gave ~2,000 img/s while the lite0 forward pass runs at ~19,000. nvjpeg
 decodes the same files at ~19,000 img/s, so ``decoder="nvjpeg"`` reads the bytes in threads,
-decodes whole batches on the GPU, and resizes and crops there with the same torchvision
-``Resize`` + ``CenterCrop`` as the CPU path.
+decodes whole batches on the GPU, and resizes and crops there with torchvision's ``Resize`` +
+``CenterCrop`` (what ``ResizeCenterCrop`` does with tensors; on the CPU it resizes the crop box
+of a PIL image instead).
 
 Only plain files nvjpeg handles exactly like Pillow go this way: a baseline or progressive
 JPEG, RGB or grey, within ``max_pixels``, with no EXIF rotation and intact (ends with the EOI
@@ -95,18 +96,16 @@ class GPUDecodeLoader:
     def __init__(self, dataset: Any, indices: Sequence[int], paths: Sequence[str] | None,
                  batches: Iterable[list[int]], preprocess: Any, max_pixels: int,
                  device: torch.device, threads: int = 8, prefetch: int = 3) -> None:
-        from torchvision.transforms import v2
+        from featurepipe.backbones._spec import ResizeCenterCrop
 
         self.dataset, self.indices, self.paths = dataset, list(indices), paths
         self.batches = batches
         self.device, self.threads, self.prefetch = device, threads, prefetch
         self.max_pixels = max_pixels
-        self.resize = v2.Compose([
-            v2.Resize(preprocess.resize_size, interpolation=preprocess.interpolation_mode,
-                      antialias=True),
-            v2.CenterCrop(preprocess.input_size),
-        ])
-        self.n_gpu = self.n_cpu = 0  # images decoded by each path (reported, tested)
+        # On tensors this is torchvision's Resize + CenterCrop, batched or not.
+        self.resize = ResizeCenterCrop(preprocess.resize_size, preprocess.input_size,
+                                       preprocess.interpolation_mode)
+        self.n_gpu = self.n_cpu = 0  # images decoded by each path (the tests read them)
 
     def __len__(self) -> int:
         return len(self.batches)  # type: ignore[arg-type]
