@@ -76,7 +76,7 @@ def ceiling(name: str, weights: str | None, batch_size: int, n: int, precision: 
     bb = load_backbone(resolve_spec(name, weights=weights))
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     module = fp_embed.prepare_model(bb, dev)
-    model = CompiledExtractor(module, batch_size) if compiled else module
+    model = CompiledExtractor(module, batch_size, dev, precision) if compiled else module
     x = torch.randint(0, 256, (batch_size, 3, *bb.preprocess.input_size), dtype=torch.uint8)
     x = x.contiguous(memory_format=torch.channels_last)
     if on_device:

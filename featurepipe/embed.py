@@ -699,8 +699,7 @@ def _run_shards(job: EmbedJob, shards: list[tuple[str, list[int]]], writer: Stor
     compiled = None
     if should_compile(compile_choice, dev, job.precision, len(flat),
                       job.backbone.preprocess.input_size):
-        model = compiled = CompiledExtractor(module, job.batch_size,
-                                             freeze=job.precision == "fp32")
+        model = compiled = CompiledExtractor(module, job.batch_size, dev, job.precision)
     collector = ShardCollector(job, shards, writer)
     bar = tqdm(total=len(flat), unit="img", disable=not progress, dynamic_ncols=True,
                desc=f"embed {job.backbone.spec.name}")

@@ -95,3 +95,66 @@ def test_embed_compile_on_gives_the_eager_rows_and_records_it(tmp_path):
 def test_embed_rejects_an_unknown_compile_choice(tmp_path):
     with pytest.raises(ConfigError, match="compile must be one of"):
         embed(tmp_path, tmp_path / "s.h5", compile="fast", **TINY)
+
+
+@pytest.fixture(scope="module")
+def lite0_model():
+    bb = load_backbone("efficientnet_lite0")
+    return bb, prepare_model(bb, CPU)
+
+
+def photo_batch(bb, n: int = 16) -> torch.Tensor:
+    """Crops of scikit-image's photos through lite0's own decode transform (uint8)."""
+    from PIL import Image
+    from skimage import data
+
+    rng = np.random.default_rng(0)
+    photos = [data.chelsea(), data.astronaut(), data.coffee(), data.rocket(),
+              data.immunohistochemistry()]
+    tf = bb.preprocess.decode_transform()
+    crops = []
+    for i in range(n):
+        img = Image.fromarray(photos[i % len(photos)]).convert("RGB")
+        w, h = img.size
+        s = rng.uniform(0.5, 1.0)
+        cw, ch = int(w * s), int(h * s)
+        x, y = int(rng.random() * (w - cw + 1)), int(rng.random() * (h - ch + 1))
+        crops.append(tf(img.crop((x, y, x + cw, y + ch)).resize((500, 375))))
+    return torch.stack(crops).contiguous(memory_format=torch.channels_last)
+
+
+def test_depthwise_norms_in_fp32_wraps_only_norms_after_grouped_convs(lite0_model):
+    from featurepipe.compiling import depthwise_norms_in_fp32
+
+    bb, model = lite0_model
+    guarded = depthwise_norms_in_fp32(model)
+    assert guarded is not model
+    wrapped = [m for m in guarded.modules() if type(m).__name__ == "_Fp32Norm"]
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert (len(wrapped), len(norms)) == (16, 49)  # lite0: 16 depthwise convs of 49
+    assert not any(type(m).__name__ == "_Fp32Norm" for m in model.modules())  # a copy
+    x = photo_batch(bb, 4)
+    torch.testing.assert_close(forward_features(guarded, x, CPU, "fp32"),
+                               forward_features(model, x, CPU, "fp32"), rtol=0, atol=0)
+    resnet = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    assert depthwise_norms_in_fp32(resnet) is resnet  # nothing to wrap: no copy
+
+
+@pytest.mark.skipif(not has_cxx_compiler(), reason="inductor's CPU backend needs a C++ compiler")
+def test_frozen_bf16_compile_keeps_features_within_the_engine_tolerance(lite0_model):
+    """Freezing folds BatchNorm into the convolutions; folded into bf16 depthwise convs the
+    features of these photos drift to cosine ~0.97, so those norms stay fp32 (and this fails
+    without :func:`~featurepipe.compiling.depthwise_norms_in_fp32`)."""
+    from torch._dynamo.utils import counters
+
+    bb, model = lite0_model
+    x = photo_batch(bb)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = CompiledExtractor(model, batch_size=len(x), device=CPU, precision="bf16")
+    got = forward_features(compiled, x, CPU, "bf16")
+    want = forward_features(model, x, CPU, "fp32")
+    assert compiled.active and compiled.freeze
+    assert counters["inductor"]["binary_folding_conv"] > 0  # freezing did fold (33 convs)
+    cos = torch.nn.functional.cosine_similarity(got, want)
+    assert cos.min() >= 0.99, cos
