@@ -101,7 +101,7 @@ def depthwise_norms_in_fp32(model: nn.Module) -> nn.Module:
         found = []
         for parent in root.modules():
             kids = list(parent.named_children())
-            for (_, conv), (name, norm) in zip(kids, kids[1:]):
+            for (_, conv), (name, norm) in zip(kids, kids[1:], strict=False):
                 if (isinstance(conv, nn.Conv2d) and conv.groups > 1
                         and isinstance(norm, nn.modules.batchnorm._BatchNorm)):
                     found.append((parent, name))

@@ -213,7 +213,7 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
                     f"cannot resume from {self.checkpoint_dir}: the training images or labels "
                     "differ from the checkpoint's; use the same data, or resume=False to start over"
                 )
-            model.to(device, memory_format=torch.channels_last)
+            model.to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]
             trainer = self._make_trainer(model, bb, source, codes, data, device, precision, seed)
             if ckpt is not None:
                 trainer.load_state_dict(ckpt["trainer"])
