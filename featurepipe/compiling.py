@@ -1,12 +1,12 @@
 """Optional ``torch.compile`` of the feature extractor for long embedding runs.
 
 Why: eager mode runs every operator as its own pass over memory and, under autocast, re-casts
-each weight on every call. Inductor fuses the element-wise tails into the convolutions' loops.
-Measured on efficientnet_lite0, 224 px, batch 64, real photos, 2 Sapphire Rapids cores: forward
-pass alone 75 -> 92 img/s under bf16 autocast, 34 -> 70 img/s in fp32 (with ``freezing``); end to
-end from JPEG files under bf16, 70.8 -> 99.0 img/s once compiled, for a one-off compile of 29 s
-on a cold inductor cache (``benchmarks/results/throughput-cpu.md``; less when inductor's on-disk
-cache already holds the graph).
+each weight on every call. Inductor fuses the element-wise tails into the convolutions' loops,
+and on a CPU ``freezing`` (below) folds and pre-packs the weights. Measured on efficientnet_lite0,
+224 px, batch 64, 2,048 500x375 JPEG files, bf16, 2 Sapphire Rapids cores: 69.6 img/s eager,
+109.9 img/s compiled once the one-off compile is done (25 s on a cold inductor cache, less when
+inductor's on-disk cache already holds the graph); resnet50 38.0 -> 117.0
+(``benchmarks/results/throughput-cpu.md``).
 
 On a CPU the graph is compiled with inductor's ``freezing``: BatchNorm folded into the
 convolutions, weights pre-packed for oneDNN, conv + activation + residual fused. Folding a
@@ -51,8 +51,8 @@ from featurepipe.exceptions import ConfigError, FeaturePipeWarning
 
 COMPILE_CHOICES = ("auto", "on", "off")
 #: ``auto`` compiles when at least this many 224x224 images' worth of pixels are to be computed
-#: (6,000 at 224 px, 33,000 at 96 px): at 70.8 -> 99.0 img/s end to end (bf16, 2 cores), a cold
-#: 29 s compile pays from about 7,200 images and a warm ~8 s one from about 2,000.
+#: (6,000 at 224 px, 33,000 at 96 px): at 69.6 -> 109.9 img/s end to end (lite0, bf16, 2 cores), a
+#: cold 25 s compile pays from about 4,800 images and a warm ~10 s one from about 1,900.
 AUTO_MIN_IMAGES = 6000
 
 

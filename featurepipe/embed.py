@@ -376,7 +376,7 @@ def embed(
     compile : {"auto", "on", "off"}
         ``torch.compile`` the extractor (see :mod:`featurepipe.compiling`). ``auto`` does on CPU
         under bf16 for runs of at least 6,000 images to compute (at 224 px; more at smaller
-        sizes): 70.8 -> 99.0 img/s end to end (lite0, 2 cores) after a 29 s cold compile.
+        sizes): 69.6 -> 109.9 img/s end to end (lite0, 2 cores) after a 25 s cold compile.
         ``on`` under fp32: about 2x the forward speed, features equal to eager within 1e-6.
     decoder : {"pil", "nvjpeg"}
         ``nvjpeg`` decodes JPEGs on the CUDA GPU in batches (:mod:`featurepipe.gpu_decode`;
