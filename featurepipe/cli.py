@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="keep features made with another spec beside the new ones")
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
                    help="torch.compile the backbone: auto = on CPU under bf16 for runs of "
-                        "6,000+ images (about 1.3x faster after a 10-30 s compile); on = also "
+                        "6,000+ images (about 1.6x faster after a 10-25 s compile); on = also "
                         "under fp32 (about 2x)")
     p.add_argument("--decoder", default="pil", choices=["pil", "nvjpeg"],
                    help="pil: decode on the CPU (default); nvjpeg: decode JPEGs on the CUDA GPU "
