@@ -269,6 +269,7 @@ def _run_rows(runs: list[dict[str, Any]], headline: dict[str, Any] | None
                     "batch": ft.get("batch_size"), "lr": ft.get("lr"),
                     "backbone_lr_factor": ft.get("backbone_lr_factor"),
                     "label_smoothing": ft.get("label_smoothing"),
+                    "augment": ft.get("augment", "basic"),
                     "val_accuracy": row["best_val_acc"], "test_accuracy": row["accuracy"],
                     "fit_seconds": row["fit_seconds"], "device": r["machine"]["gpu"]})
     return out
@@ -338,16 +339,17 @@ def stage_report(args: argparse.Namespace, work: Path) -> None:
     if gpu_ft:
         md += [f"## Fine-tuning on all {gpu_ft['split']['n_train']:,} training images, full "
                f"test set (GPU: {gpu_ft['machine']['gpu']})", "",
-               "Every run made is listed. The headline is the run with the best validation "
+               "Every finished run is listed. The headline is the run with the best validation "
                "accuracy (10% of the training images, held out inside each run); the test set "
                "chose nothing.", "",
                markdown_table(_run_rows(runs, gpu_ft),
                               ["run", "strategy", "epochs", "epochs_run", "best_epoch", "batch",
-                               "lr", "backbone_lr_factor", "label_smoothing", "val_accuracy",
-                               "test_accuracy", "fit_seconds"]), "",
+                               "lr", "backbone_lr_factor", "label_smoothing", "augment",
+                               "val_accuracy", "test_accuracy", "fit_seconds"]), "",
                f"- headline command: `{gpu_ft['command']}`",
                "- input 224 px (the 28 px images upsampled, bicubic), augmentation: "
-               "RandomResizedCrop(scale 0.5-1) + horizontal flip; AdamW, linear warmup then "
+               "RandomResizedCrop(scale 0.5-1) + horizontal flip (`basic`), plus RandomErasing "
+               "(p 0.5) where the augment column says `erasing`; AdamW, linear warmup then "
                "cosine; early stopping on validation loss (patience 5), best epoch restored; "
                "bf16 autocast", ""]
     if ft:
@@ -511,7 +513,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="pretrained layers learn at lr times this")
     ap.add_argument("--ft-label-smoothing", type=float, default=0.0)
     ap.add_argument("--ft-augment", default="basic",
-                    choices=["basic", "trivial", "randaugment"])
+                    choices=["basic", "trivial", "randaugment", "erasing"])
     ap.add_argument("--ft-strategies", type=lambda t: tuple(x.strip() for x in t.split(",")),
                     default=("head", "full"), help="fine-tuning arms, e.g. head,full")
     ap.add_argument("--curve-sizes", type=_ints, default=[5, 10, 25, 50, 100])

@@ -41,7 +41,7 @@ from featurepipe.devices import (  # noqa: F401 - re-exported: engine callers us
     resolve_precision,
 )
 from featurepipe.exceptions import ConfigError, DecodeError, SpecMismatchError
-from featurepipe.gpu_decode import GPUDecodeLoader, check_decoder, default_read_threads
+from featurepipe.gpu_decode import GPUDecodeLoader, check_decoder
 from featurepipe.sources import ImageSource, open_source
 from featurepipe.store import FEATURE_FORMAT_VERSION, FeatureStore, StoreWriter, entry_key
 
@@ -114,7 +114,7 @@ def default_workers(device: torch.device) -> int:
     cores = os.cpu_count() or 1
     if device.type == "cpu":
         return max(0, min(4, cores // 2))
-    return min(8, max(1, cores - 1))
+    return max(1, min(32, cores - 1))
 
 
 # --------------------------------------------------------------------------- key and attrs
@@ -327,10 +327,34 @@ def prepare_model(backbone: Backbone, device: torch.device) -> torch.nn.Module:
 def forward_features(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
                      device: torch.device, precision: str) -> torch.Tensor:
     """One batch through the extractor, returned as float32 on the CPU."""
+    return torch.from_numpy(start_forward(model, x, device, precision)())
+
+
+def start_forward(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                  device: torch.device, precision: str) -> Callable[[], np.ndarray]:
+    """Launch one batch's forward pass; the returned call waits for its float32 features.
+
+    On a GPU the features come back by an asynchronous copy into pinned memory, so the caller
+    can queue the next batch before it waits for this one: the GPU never idles while the host
+    writes features or launches kernels. Elsewhere the work is done when this returns.
+    """
     x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode(), autocast_context(device, precision):
         out = model(x)
-    return out.float().cpu()
+    if device.type != "cuda":
+        feats = out.float().cpu().numpy()
+        return lambda: feats
+    host = torch.empty(out.shape, dtype=torch.float32, pin_memory=True)
+    with torch.inference_mode():
+        host.copy_(out, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+
+    def finish() -> np.ndarray:
+        done.synchronize()
+        return host.numpy()
+
+    return finish
 
 
 def embed(
@@ -620,11 +644,17 @@ class ShardCollector:
 def forward_good(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
                  reasons: Sequence[str], device: torch.device, precision: str) -> np.ndarray:
     """Features of the images that decoded; bad ones are left out of the batch (every engine)."""
+    return start_forward_good(model, x, reasons, device, precision)()
+
+
+def start_forward_good(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                       reasons: Sequence[str], device: torch.device, precision: str
+                       ) -> Callable[[], np.ndarray]:
+    """:func:`forward_good`, launched: call the result for the features (:func:`start_forward`)."""
     good = [k for k, r in enumerate(reasons) if not r]
     if not good:
-        return np.zeros((0, 0), dtype=np.float32)
-    return forward_features(model, x if len(good) == len(reasons) else x[good], device,
-                            precision).numpy()
+        return lambda: np.zeros((0, 0), dtype=np.float32)
+    return start_forward(model, x if len(good) == len(reasons) else x[good], device, precision)
 
 
 class _DecodeInThreads:
@@ -661,7 +691,7 @@ def _loader(job: EmbedJob, flat: list[int], shards: list[tuple[str, list[int]]],
         paths = job.source.paths
         return GPUDecodeLoader(dataset, flat, None if paths is None else [paths[i] for i in flat],
                                batches, job.backbone.preprocess, job.policy.max_pixels, dev,
-                               threads=workers or default_read_threads())
+                               workers=default_workers(dev) if workers is None else workers)
     return batch_loader(dataset, batches, dev, workers)
 
 
@@ -703,10 +733,18 @@ def _run_shards(job: EmbedJob, shards: list[tuple[str, list[int]]], writer: Stor
     collector = ShardCollector(job, shards, writer)
     bar = tqdm(total=len(flat), unit="img", disable=not progress, dynamic_ncols=True,
                desc=f"embed {job.backbone.spec.name}")
+    in_flight: tuple[list[int], list[str], Callable[[], np.ndarray]] | None = None
     try:
+        # One batch in flight: launch batch n, then collect batch n-1 while the GPU works.
         for idx, x, reasons in loader:
-            collector.add(idx, reasons, forward_good(model, x, reasons, dev, job.precision))
-            bar.update(len(idx))
+            launched = start_forward_good(model, x, reasons, dev, job.precision)
+            if in_flight is not None:
+                collector.add(in_flight[0], in_flight[1], in_flight[2]())
+                bar.update(len(in_flight[0]))
+            in_flight = (idx, reasons, launched)
+        if in_flight is not None:
+            collector.add(in_flight[0], in_flight[1], in_flight[2]())
+            bar.update(len(in_flight[0]))
     finally:
         bar.close()
     writer.attrs["compiled"] = compiled is not None and compiled.active

@@ -1,12 +1,13 @@
 """JPEG decoding on the GPU (nvjpeg through ``torchvision.io.decode_jpeg(device="cuda")``).
 
 On a GPU machine the forward pass outruns CPU decoding by an order of magnitude: measured on an
-H100 with 16 cores (``benchmarks/results/throughput-gpu.md``), Pillow decode + resize of 500x375
-JPEGs in 15 processes gave ~2,000 img/s while the lite0 forward pass runs at ~19,000. nvjpeg
-decodes the same files at ~19,000 img/s, so ``decoder="nvjpeg"`` reads the bytes in threads,
-decodes whole batches on the GPU, and resizes and crops there with torchvision's ``Resize`` +
-``CenterCrop`` (what ``ResizeCenterCrop`` does with tensors; on the CPU it resizes the crop box
-of a PIL image instead).
+H100 with 16 cores (``benchmarks/results/decode_probe-gpu.md``), Pillow decode + resize of
+500x375 JPEGs in 15 processes gave ~2,000 img/s while the lite0 forward pass runs at ~19,000.
+nvjpeg decodes the same files at ~19,000 img/s (on the H100's hardware JPEG engines, beside the
+SMs). So with ``decoder="nvjpeg"`` DataLoader workers only read the files and vet their headers;
+whole batches are decoded on the GPU with one call and resized and cropped there with
+torchvision's ``Resize`` + ``CenterCrop`` (what ``ResizeCenterCrop`` does with tensors; on
+the CPU it resizes the crop box of a PIL image instead).
 
 Only plain files nvjpeg handles exactly like Pillow go this way: a baseline or progressive
 JPEG, RGB or grey, within ``max_pixels``, with no EXIF rotation and intact (ends with the EOI
@@ -18,18 +19,15 @@ decode policy are exactly those of the CPU path. The pixels differ slightly from
 
 from __future__ import annotations
 
-import contextlib
 import io
-import os
-import queue
-import threading
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
+from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["DECODERS", "GPUDecodeLoader", "check_decoder", "nvjpeg_eligible", "resize_grouped"]
+__all__ = ["DECODERS", "EncodedBatch", "GPUDecodeLoader", "check_decoder", "nvjpeg_eligible",
+           "resize_grouped"]
 
 DECODERS = ("pil", "nvjpeg")
 _SOI, _EOI = b"\xff\xd8\xff", b"\xff\xd9"
@@ -84,23 +82,87 @@ def resize_grouped(images: Sequence[torch.Tensor], resize: Any) -> list[torch.Te
     return out  # type: ignore[return-value]
 
 
+class _EncodedFiles(Dataset):
+    """Per file, in a DataLoader worker: its bytes when nvjpeg may take it, else Pillow's crop.
+
+    The per-image host work (reading, parsing the header, the odd file's CPU decode) is Python
+    that holds the GIL; in worker processes it runs on every core without stalling the thread
+    that feeds the GPU.
+    """
+
+    def __init__(self, dataset: Any, paths: Sequence[str] | None, max_pixels: int) -> None:
+        self.dataset, self.paths, self.max_pixels = dataset, paths, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, pos: int) -> tuple[int, bytes | None, torch.Tensor | None, str]:
+        data = self._read(pos)
+        if data is not None:
+            return pos, data, None, ""
+        _, crop, reason = self.dataset[pos]
+        return pos, None, crop, reason
+
+    def _read(self, pos: int) -> bytes | None:
+        if self.paths is None:
+            return None
+        try:
+            with open(self.paths[pos], "rb") as fh:
+                data = fh.read()
+        except OSError:
+            return None  # the CPU decoder names the problem
+        return data if nvjpeg_eligible(data, self.max_pixels) else None
+
+
+class EncodedBatch(NamedTuple):
+    """One batch as it crosses from a worker: the JPEGs' bytes in one buffer (one shared-memory
+    segment, not one per file), plus the crops Pillow made for every other file."""
+
+    positions: list[int]
+    jpeg_bytes: torch.Tensor  # uint8, the eligible files' bytes end to end
+    jpeg_sizes: list[int]
+    jpeg_slots: list[int]  # where in the batch each JPEG goes
+    crops: torch.Tensor | None  # uint8 (n, 3, H, W): the files Pillow decoded
+    crop_slots: list[int]
+    reasons: list[str]
+
+
+def _collate_encoded(items: list[tuple[int, bytes | None, torch.Tensor | None, str]]
+                     ) -> EncodedBatch:
+    jpeg_slots = [k for k, item in enumerate(items) if item[1] is not None]
+    crop_slots = [k for k, item in enumerate(items) if item[1] is None]
+    blobs = [items[k][1] for k in jpeg_slots]
+    joined = bytearray().join(blobs)  # type: ignore[arg-type]
+    jpeg_bytes = (torch.frombuffer(joined, dtype=torch.uint8) if joined
+                  else torch.zeros(0, dtype=torch.uint8))
+    crops = torch.stack([items[k][2] for k in crop_slots]) if crop_slots else None  # type: ignore[misc]
+    return EncodedBatch([item[0] for item in items], jpeg_bytes,
+                        [len(b) for b in blobs], jpeg_slots,  # type: ignore[arg-type]
+                        crops, crop_slots, [item[3] for item in items])
+
+
 class GPUDecodeLoader:
     """Yields ``(source indices, uint8 batch on the GPU (B, 3, H, W) channels_last, reasons)``.
 
-    A producer thread reads, decodes and resizes the next batches on its own CUDA stream while
-    the caller runs the forward pass of the current one. ``batches`` hold positions into
-    ``indices`` (source rows), ``paths`` (their files, None for arrays) and ``dataset``, the
-    engine's CPU ``_SourceDataset`` over the same positions (the fallback decoder).
+    DataLoader worker processes read the files and vet their headers (:class:`_EncodedFiles`)
+    ahead of time; each step decodes one batch's JPEGs with one nvjpeg call and resizes and
+    crops them on the GPU. It all runs in the caller's thread: the engine keeps one forward pass
+    in flight, so the GPU computes batch n while nvjpeg (the H100's JPEG engines, GIL released)
+    decodes batch n+1. A producer thread was measured slower (6,000 img/s against ~10,000 for
+    the loader alone): it and the thread launching the forward pass convoyed on the GIL.
+    ``batches`` hold positions into ``indices`` (source rows), ``paths`` (their files, None for
+    arrays) and ``dataset``, the engine's CPU ``_SourceDataset`` over the same positions (the
+    fallback decoder). ``workers=0`` reads in the caller's process (tests).
     """
 
     def __init__(self, dataset: Any, indices: Sequence[int], paths: Sequence[str] | None,
                  batches: Iterable[list[int]], preprocess: Any, max_pixels: int,
-                 device: torch.device, threads: int = 8, prefetch: int = 3) -> None:
+                 device: torch.device, workers: int = 8) -> None:
         from featurepipe.backbones._spec import ResizeCenterCrop
 
         self.dataset, self.indices, self.paths = dataset, list(indices), paths
         self.batches = batches
-        self.device, self.threads, self.prefetch = device, threads, prefetch
+        self.device, self.workers = device, workers
         self.max_pixels = max_pixels
         # On tensors this is torchvision's Resize + CenterCrop, batched or not.
         self.resize = ResizeCenterCrop(preprocess.resize_size, preprocess.input_size,
@@ -111,92 +173,60 @@ class GPUDecodeLoader:
         return len(self.batches)  # type: ignore[arg-type]
 
     def __iter__(self) -> Iterator[tuple[list[int], torch.Tensor, list[str]]]:
-        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
-        stop = threading.Event()
-        # On a CPU device (tests: torchvision decodes JPEG batches there too) no stream is needed.
-        cuda = self.device.type == "cuda"
-        stream = torch.cuda.Stream(self.device) if cuda else None
-
-        def produce() -> None:
-            try:
-                pool = ThreadPoolExecutor(self.threads, thread_name_prefix="featurepipe-read")
-                with pool, (torch.cuda.stream(stream) if cuda else contextlib.nullcontext()):
-                    for batch in self.batches:
-                        if stop.is_set():
-                            return
-                        item = self._batch(batch, pool)
-                        done = torch.cuda.Event() if cuda else None
-                        if done is not None:
-                            done.record(stream)
-                        q.put((item, done))
-                q.put(None)
-            except BaseException as exc:  # noqa: BLE001 - re-raised in the consuming thread
-                q.put(exc)
-
-        worker = threading.Thread(target=produce, name="featurepipe-gpu-decode", daemon=True)
-        worker.start()
-        try:
-            while (got := q.get()) is not None:
-                if isinstance(got, BaseException):
-                    raise got
-                (idx, x, reasons), done = got
-                if done is not None:
-                    current = torch.cuda.current_stream(self.device)
-                    current.wait_event(done)
-                    x.record_stream(current)
-                yield idx, x, reasons
-        finally:
-            stop.set()
-            while worker.is_alive():  # unblock a producer waiting on a full queue
-                try:
-                    q.get(timeout=0.1)
-                except queue.Empty:
-                    pass
-            worker.join()
+        encoded = DataLoader(
+            _EncodedFiles(self.dataset, self.paths, self.max_pixels),
+            batch_sampler=self.batches, num_workers=self.workers,
+            collate_fn=_collate_encoded, prefetch_factor=4 if self.workers else None)
+        if self.device.type != "cuda":  # tests: torchvision decodes JPEG batches on the CPU too
+            for batch in encoded:
+                yield self._batch(batch)
+            return
+        # nvjpeg writes its output on a stream of its own, into memory the caching allocator
+        # hands out for the *current* stream. On the stream of the forward pass that memory may
+        # still be read by queued work (the last batch's resize, behind the forward pass): a
+        # race, measured as corrupted features. So decoding and resizing get a side stream, and
+        # the host waits for that stream's few pending kernels before each decode.
+        side = torch.cuda.Stream(self.device)
+        main = torch.cuda.current_stream(self.device)
+        for batch in encoded:
+            side.synchronize()
+            with torch.cuda.stream(side):
+                idx, x, reasons = self._batch(batch)
+            main.wait_stream(side)
+            x.record_stream(main)
+            yield idx, x, reasons
 
     # ----------------------------------------------------------------- one batch
 
-    def _read(self, pos: int) -> bytes | None:
-        """The file's bytes when nvjpeg may take it, else None (the CPU decoder will)."""
-        if self.paths is None:
-            return None
-        try:
-            with open(self.paths[pos], "rb") as fh:
-                data = fh.read()
-        except OSError:
-            return None
-        return data if nvjpeg_eligible(data, self.max_pixels) else None
-
-    def _batch(self, batch: list[int], pool: ThreadPoolExecutor
-               ) -> tuple[list[int], torch.Tensor, list[str]]:
+    def _batch(self, batch: EncodedBatch) -> tuple[list[int], torch.Tensor, list[str]]:
         from torchvision.io import ImageReadMode, decode_jpeg
 
-        datas = list(pool.map(self._read, batch))
-        gpu_pos = [k for k, d in enumerate(datas) if d is not None]
-        crops: list[torch.Tensor | None] = [None] * len(batch)
-        if gpu_pos:
-            encoded = [torch.frombuffer(bytearray(datas[k]), dtype=torch.uint8)  # type: ignore[arg-type]
-                       for k in gpu_pos]
+        crops: list[torch.Tensor | None] = [None] * len(batch.positions)
+        reasons = list(batch.reasons)
+        if batch.jpeg_slots:
+            encoded = list(batch.jpeg_bytes.split(batch.jpeg_sizes))
             try:
                 images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device)
-            except RuntimeError:
+            except RuntimeError:  # one bad stream fails the whole call: go one by one
                 images = [self._decode_one(e) for e in encoded]
-            decoded = [(k, img) for k, img in zip(gpu_pos, images, strict=True)
+            decoded = [(k, img) for k, img in zip(batch.jpeg_slots, images, strict=True)
                        if img is not None]
             resized = resize_grouped([img for _, img in decoded], self.resize)
             for (k, _), crop in zip(decoded, resized, strict=True):
                 crops[k] = crop
-        reasons = [""] * len(batch)
-        cpu_pos = [k for k, c in enumerate(crops) if c is None]
-        if cpu_pos:
-            for k, (_, tensor, reason) in zip(
-                    cpu_pos, pool.map(self.dataset.__getitem__, [batch[k] for k in cpu_pos]),
-                    strict=True):
-                crops[k], reasons[k] = tensor.to(self.device, non_blocking=True), reason
-        self.n_gpu += len(batch) - len(cpu_pos)
-        self.n_cpu += len(cpu_pos)
+        if batch.crops is not None:
+            pillow = batch.crops.to(self.device, non_blocking=True)
+            for k, crop in zip(batch.crop_slots, pillow.unbind(0), strict=True):
+                crops[k] = crop
+        missed = [k for k, c in enumerate(crops) if c is None]  # nvjpeg refused it after all
+        for k in missed:
+            _, tensor, reasons[k] = self.dataset[batch.positions[k]]
+            crops[k] = tensor.to(self.device)
+        n_cpu = len(batch.crop_slots) + len(missed)
+        self.n_gpu += len(crops) - n_cpu
+        self.n_cpu += n_cpu
         x = torch.stack(crops).contiguous(memory_format=torch.channels_last)  # type: ignore[arg-type]
-        return [self.indices[p] for p in batch], x, reasons
+        return [self.indices[p] for p in batch.positions], x, reasons
 
     def _decode_one(self, encoded: torch.Tensor) -> torch.Tensor | None:
         from torchvision.io import ImageReadMode, decode_jpeg
@@ -205,8 +235,3 @@ class GPUDecodeLoader:
             return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device)
         except RuntimeError:
             return None
-
-
-def default_read_threads() -> int:
-    """Threads reading files and parsing headers (I/O and GIL-free Pillow work)."""
-    return max(2, min(16, os.cpu_count() or 1))

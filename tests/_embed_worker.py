@@ -14,13 +14,13 @@ from featurepipe.cli import main
 
 root, store, slow = sys.argv[1], sys.argv[2], float(sys.argv[3])
 if slow:
-    real_forward = engine.forward_features
+    real_forward = engine.start_forward
 
     def slow_forward(*args, **kwargs):
         time.sleep(slow)
         return real_forward(*args, **kwargs)
 
-    engine.forward_features = slow_forward
+    engine.start_forward = slow_forward
 
 sys.exit(
     main(

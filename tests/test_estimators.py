@@ -105,15 +105,15 @@ def _fresh_features():
 
 @pytest.fixture
 def counted(monkeypatch):
-    """Count the images that go through the backbone (all engines call embed.forward_features)."""
+    """Count the images that go through the backbone (every engine calls embed.start_forward)."""
     seen = {"images": 0}
-    real = engine.forward_features
+    real = engine.start_forward
 
     def counting(model, x, device, precision):
         seen["images"] += int(x.shape[0])
         return real(model, x, device, precision)
 
-    monkeypatch.setattr(engine, "forward_features", counting)
+    monkeypatch.setattr(engine, "start_forward", counting)
     return seen
 
 

@@ -447,3 +447,20 @@ def test_early_stopping_patience_and_best_weights() -> None:
     assert (epoch, stopper.best_epoch, stopper.best) == (6, 4, 0.4)
     stopper.on_train_end(trainer)
     assert model.weight.detach()[0, 0].item() == 4.0
+
+
+def test_fp16_steps_the_grad_scaler_skips_do_not_advance_the_schedule() -> None:
+    """fp16: an overflowing step is skipped by the GradScaler; the LR schedule must not move
+    (torch warns 'lr_scheduler.step() before optimizer.step()' otherwise)."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    trainer = Trainer(model, opt, sched, nn.CrossEntropyLoss(), [], None, epochs=1,
+                      device=torch.device("cpu"), precision="fp16")
+    y = torch.zeros(8, dtype=torch.long)
+    before = model.weight.detach().clone()
+    trainer.train_step(torch.full((8, 4), 3e4), y)  # scaled gradients overflow fp16
+    assert sched.last_epoch == 0 and torch.equal(model.weight.detach(), before)
+    trainer.train_step(torch.randn(8, 4) * 0.1, y)
+    assert sched.last_epoch == 1 and not torch.equal(model.weight.detach(), before)

@@ -202,13 +202,13 @@ _KILLED_DRIVER = textwrap.dedent("""
 
     def slow_down():
         import featurepipe.embed as engine
-        real = engine.forward_features
+        real = engine.start_forward
 
         def slow(*args, **kwargs):
             time.sleep(float(os.environ["FP_TEST_SLOW"]))
             return real(*args, **kwargs)
 
-        engine.forward_features = slow
+        engine.start_forward = slow
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="warning",
              runtime_env={"worker_process_setup_hook": slow_down})

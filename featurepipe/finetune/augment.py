@@ -17,7 +17,7 @@ from featurepipe.exceptions import ConfigError
 
 __all__ = ["AUGMENTS", "input_hw", "interpolation_mode", "train_transform"]
 
-AUGMENTS = ("basic", "trivial", "randaugment", None)
+AUGMENTS = ("basic", "trivial", "randaugment", "erasing", None)
 #: Area fraction range of RandomResizedCrop: milder than ImageNet's (0.08, 1) because fine-tuning
 #: sets are small and objects are often not centred crops of a large scene.
 CROP_SCALE = (0.5, 1.0)
@@ -50,9 +50,11 @@ def train_transform(preprocess: Any, augment: str | Callable | None = "basic") -
     ----------
     preprocess : PreprocessSpec
         The backbone's preprocessing (input size, interpolation, mean, std).
-    augment : {"basic", "trivial", "randaugment"}, callable or None
+    augment : {"basic", "trivial", "randaugment", "erasing"}, callable or None
         ``basic``: RandomResizedCrop(scale=(0.5, 1)) + horizontal flip. ``trivial`` adds
-        TrivialAugmentWide, ``randaugment`` adds RandAugment. ``None`` is the eval transform (no
+        TrivialAugmentWide, ``randaugment`` adds RandAugment, ``erasing`` adds RandomErasing
+        (p=0.5, on the normalised tensor: the erased box becomes the mean colour; it regularises
+        small, centred images such as Fashion-MNIST). ``None`` is the eval transform (no
         augmentation). A callable is used as is (it must return the normalised tensor).
     """
     if callable(augment):
@@ -61,8 +63,8 @@ def train_transform(preprocess: Any, augment: str | Callable | None = "basic") -
         return preprocess.eval_transform()
     if augment not in AUGMENTS:
         raise ConfigError(
-            f"augment={augment!r}; expected one of 'basic', 'trivial', 'randaugment', None "
-            "or a callable"
+            f"augment={augment!r}; expected one of 'basic', 'trivial', 'randaugment', 'erasing', "
+            "None or a callable"
         )
     interp = interpolation_mode(preprocess)
     # Geometry and auto-augment run on the PIL image: PIL supports every interpolation mode
@@ -81,4 +83,6 @@ def train_transform(preprocess: Any, augment: str | Callable | None = "basic") -
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(mean=list(preprocess.mean), std=list(preprocess.std)),
     ]
+    if augment == "erasing":
+        steps.append(v2.RandomErasing(p=0.5, value=0))
     return v2.Compose(steps)

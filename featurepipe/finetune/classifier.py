@@ -69,7 +69,7 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
     warmup_epochs : float, default=1
         Linear warmup length; cosine decay to 0 over the rest, stepped per batch.
     label_smoothing : float, default=0.0
-    augment : {"basic", "trivial", "randaugment"}, callable or None, default="basic"
+    augment : {"basic", "trivial", "randaugment", "erasing"}, callable or None, default="basic"
         Training augmentation (see :func:`featurepipe.finetune.augment.train_transform`).
     batch_size : int, default=32
     val_size : float or int, default=0.1
@@ -269,7 +269,7 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         if not 0.0 <= self.label_smoothing < 1.0:
             raise bad("label_smoothing", "a number in [0, 1)")
         if not (callable(self.augment) or self.augment in AUGMENTS):
-            raise bad("augment", "'basic', 'trivial', 'randaugment', None or a callable")
+            raise bad("augment", "'basic', 'trivial', 'randaugment', 'erasing', None or a callable")
         if self.early_stopping is not None and (
                 not isinstance(self.early_stopping, (int, np.integer)) or self.early_stopping < 1):
             raise bad("early_stopping", "an integer >= 1 (patience in epochs) or None")

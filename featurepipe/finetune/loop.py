@@ -184,14 +184,19 @@ class Trainer:
         with autocast_context(self.device, self.precision):
             logits = self.model(x)
             loss = self.criterion(logits, y)
+        stepped = True
         if self.scaler is not None:
+            scale = self.scaler.get_scale()
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            # fp16: the scaler skips the step on inf/nan gradients (and lowers its scale); the
+            # schedule follows the steps actually taken, as torch's LR scheduler expects.
+            stepped = self.scaler.get_scale() >= scale
         else:
             loss.backward()
             self.optimizer.step()
-        if self.scheduler is not None:
+        if self.scheduler is not None and stepped:
             self.scheduler.step()
         correct = int((logits.detach().argmax(1) == y).sum())
         return {"loss": float(loss.detach()), "correct": correct, "n": int(y.shape[0])}
