@@ -3,8 +3,9 @@
 On a GPU machine the forward pass outruns CPU decoding by an order of magnitude: measured on an
 H100 with 16 cores (``benchmarks/results/decode_probe-gpu.md``), Pillow decode + resize of
 500x375 JPEGs in 15 processes gave ~2,000 img/s while the lite0 forward pass runs at ~19,000.
-nvjpeg decodes the same files at ~19,000 img/s (on the H100's hardware JPEG engines, beside the
-SMs). So with ``decoder="nvjpeg"`` DataLoader workers only read the files and vet their headers;
+nvjpeg decodes the same files at ~15,000-19,000 img/s (torchvision uses nvjpeg's hardware
+backend for baseline JPEGs where the GPU has JPEG engines, as the H100 does). So with
+``decoder="nvjpeg"`` DataLoader workers only read the files and vet their headers;
 whole batches are decoded on the GPU with one call and resized and cropped there with
 torchvision's ``Resize`` + ``CenterCrop`` (what ``ResizeCenterCrop`` does with tensors; on
 the CPU it resizes the crop box of a PIL image instead).
@@ -147,9 +148,10 @@ class GPUDecodeLoader:
     DataLoader worker processes read the files and vet their headers (:class:`_EncodedFiles`)
     ahead of time; each step decodes one batch's JPEGs with one nvjpeg call and resizes and
     crops them on the GPU. It all runs in the caller's thread: the engine keeps one forward pass
-    in flight, so the GPU computes batch n while nvjpeg (the H100's JPEG engines, GIL released)
-    decodes batch n+1. A producer thread was measured slower (6,000 img/s against ~10,000 for
-    the loader alone): it and the thread launching the forward pass convoyed on the GIL.
+    in flight, so the GPU computes batch n while nvjpeg decodes batch n+1 (torchvision's
+    decode releases the GIL: checked on the CPU decoder, the same op dispatch). A producer
+    thread was measured slower (6,000 img/s against ~10,000 for the loader alone): it and the
+    thread launching the forward pass convoyed on the GIL.
     ``batches`` hold positions into ``indices`` (source rows), ``paths`` (their files, None for
     arrays) and ``dataset``, the engine's CPU ``_SourceDataset`` over the same positions (the
     fallback decoder). ``workers=0`` reads in the caller's process (tests).
