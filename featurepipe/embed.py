@@ -192,6 +192,8 @@ def _canonical(value: Any) -> str:
 class _SourceDataset(Dataset):
     """Decodes and preprocesses one sample; a bad file becomes a zero tensor plus a reason.
 
+    Samples are decoded to uint8 tensors (:meth:`ImageSource.load_tensor`: plain JPEGs skip
+    Pillow), so ``transform`` takes tensors, as ``decode_transform`` and ``eval_transform`` do.
     The zero tensor has ``fill_dtype`` so that it stacks with the good ones (uint8 for the
     embedding engines' :meth:`~PreprocessSpec.decode_transform`, float32 for ``eval_transform``).
     """
@@ -220,7 +222,7 @@ class _SourceDataset(Dataset):
     def __getitem__(self, k: int) -> tuple[int, torch.Tensor, str]:
         i = self.indices[k]
         try:
-            image = self.source.load(i, self.policy, target_size=self.target_size)
+            image = self.source.load_tensor(i, self.policy, target_size=self.target_size)
             return i, self.transform(image), ""
         except DecodeError as exc:
             reason = exc.reason

@@ -20,7 +20,6 @@ decode policy are exactly those of the CPU path. The pixels differ slightly from
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
@@ -31,7 +30,6 @@ __all__ = ["DECODERS", "EncodedBatch", "GPUDecodeLoader", "check_decoder", "nvjp
            "resize_grouped"]
 
 DECODERS = ("pil", "nvjpeg")
-_SOI, _EOI = b"\xff\xd8\xff", b"\xff\xd9"
 
 
 def check_decoder(decoder: str, device: torch.device) -> None:
@@ -46,23 +44,11 @@ def check_decoder(decoder: str, device: torch.device) -> None:
 
 
 def nvjpeg_eligible(data: bytes, max_pixels: int) -> bool:
-    """True when nvjpeg gives what Pillow would: an intact RGB/grey JPEG, upright, not too big.
+    """True when nvjpeg gives what Pillow would: an intact RGB/grey JPEG, upright, not too big
+    (:func:`featurepipe.decode.is_plain_jpeg`; only the header is parsed)."""
+    from featurepipe.decode import DecodePolicy, is_plain_jpeg
 
-    Only the header is parsed (Pillow reads no pixel data here).
-    """
-    if not data.startswith(_SOI) or not data.rstrip(b"\x00\r\n ").endswith(_EOI):
-        return False
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            if img.format != "JPEG" or img.mode not in ("RGB", "L"):
-                return False
-            if img.size[0] * img.size[1] > max_pixels:
-                return False
-            return img.getexif().get(0x0112, 1) == 1
-    except Exception:  # noqa: BLE001 - anything odd goes to the CPU decoder, which names it
-        return False
+    return is_plain_jpeg(data, DecodePolicy(max_pixels=max_pixels))
 
 
 def resize_grouped(images: Sequence[torch.Tensor], resize: Any) -> list[torch.Tensor]:

@@ -37,6 +37,7 @@ from featurepipe.decode import (
     array_to_image,
     check_image_array,
     decode_image,
+    decode_image_tensor,
 )
 from featurepipe.exceptions import ConfigError, SourceError
 
@@ -204,6 +205,19 @@ class ImageSource:
         if self._paths is not None:
             return decode_image(self._paths[i], policy, target_size)
         return array_to_image(self._row(i), policy)
+
+    def load_tensor(self, i: int, policy: DecodePolicy | None = None,
+                    target_size: int | Sequence[int] | None = None) -> Any:
+        """Sample ``i`` as a uint8 tensor ``(3, H, W)``: the pixels of :meth:`load`.
+
+        Files go through :func:`~featurepipe.decode.decode_image_tensor`, which decodes plain
+        JPEGs without Pillow (the embedding engines' hot path).
+        """
+        if self._paths is not None:
+            return decode_image_tensor(self._paths[i], policy, target_size)
+        from torchvision.transforms.v2.functional import pil_to_tensor
+
+        return pil_to_tensor(array_to_image(self._row(i), policy))
 
     def fingerprint(self, i: int, content_hash: bool = False) -> str:
         """What identifies the current content of sample ``i``; a change means re-embed.

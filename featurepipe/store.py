@@ -49,8 +49,9 @@ __all__ = [
 ]
 
 #: Bumped when the same image and spec give other feature values: 2 = the resize computes only
-#: the centre crop (``ResizeCenterCrop``), 1-level pixel differences from version 1.
-FEATURE_FORMAT_VERSION: int = 2
+#: the centre crop (``ResizeCenterCrop``), 1-level pixel differences from version 1; 3 = the
+#: resize is torch's native uint8 kernel on tensors instead of Pillow's (a few levels).
+FEATURE_FORMAT_VERSION: int = 3
 STORE_FORMAT_VERSION: int = 1
 
 _STR = h5py.string_dtype("utf-8")

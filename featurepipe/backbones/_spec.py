@@ -440,18 +440,17 @@ def _unknown_name_message(raw: str) -> str:
 
 
 class ResizeCenterCrop:
-    """``v2.Resize(resize_size)`` then ``v2.CenterCrop(crop_size)``, computing only the crop.
+    """``v2.Resize(resize_size)`` then ``v2.CenterCrop(crop_size)``, on uint8 tensors.
 
-    On a PIL image that is downsampled, the two steps are one ``Image.resize(crop, box=...)``:
-    Pillow resamples just the source region that lands in the crop, with the same scale and
-    filter. On the 500x375 benchmark photos this takes 0.96 instead of 1.64 ms per photo (after
-    JPEG decoding, 1.05 ms, the largest per-image CPU cost). Pixels are not bit-equal to
-    resize-then-crop: Pillow's box path rounds differently, by 1 level in 0.006% of values on
-    those photos and by up to 3 levels in up to ~20% of values at some portrait sizes. lite0
-    features of 64 photos of random sizes stayed within cosine 0.99983 of the two-step ones
-    (fp32). Every path (engines, ``eval_transform``, fine-tuning) uses this class, so they agree
-    bit for bit with each other (feature-format version 2). Tensors, upsampling, a crop larger
-    than the resized image and ``(h, w)`` resizes take the two torchvision steps. Picklable.
+    A PIL image becomes a uint8 ``(3, H, W)`` tensor first, so every path (engines,
+    ``eval_transform``, fine-tuning, prediction) resizes the same tensor with the same kernel and
+    agrees bit for bit. Bilinear and bicubic resizes of CPU uint8 tensors always call torch's
+    native uint8 antialiased kernel, which gives the same bits on every CPU (AVX512, AVX2, the
+    generic kernel of ARM and older x86: tested with ``ATEN_CPU_CAPABILITY``); torchvision's own
+    ``Resize`` takes a float detour for bilinear on CPUs without AVX2, whose rounding differs.
+    On the 500x375 benchmark photos this resize costs 0.46 ms per photo against 1.15 ms for
+    Pillow's resize of only the crop box, its previous implementation (feature-format version
+    3). Other tensors (float, CUDA) and other filters take torchvision's ``Resize``. Picklable.
     """
 
     def __init__(self, resize_size: int | tuple[int, ...], crop_size: tuple[int, int],
@@ -459,37 +458,35 @@ class ResizeCenterCrop:
         self.resize_size, self.crop_size = resize_size, tuple(crop_size)
         self.interpolation = interpolation
 
-    def __call__(self, img: Any) -> Any:
+    def __call__(self, img: Any) -> torch.Tensor:
         from PIL import Image
-        from torchvision.transforms import v2
+        from torchvision.transforms import InterpolationMode, v2
 
-        box = self._box(img.size) if isinstance(img, Image.Image) else None
-        if box is None:
-            img = v2.functional.resize(img, self.resize_size, self.interpolation,
-                                       antialias=True)
-            return v2.functional.center_crop(img, list(self.crop_size))
-        from torchvision.transforms.functional import pil_modes_mapping
-
-        th, tw = self.crop_size
-        return img.resize((tw, th), pil_modes_mapping[self.interpolation], box=box)
-
-    def _box(self, size: tuple[int, int]) -> tuple[float, float, float, float] | None:
-        """Source box of the crop, with torchvision's rounding; None when it cannot apply."""
-        if isinstance(self.resize_size, (tuple, list)):
-            if len(self.resize_size) != 1:
-                return None
-            short_target = int(self.resize_size[0])
+        if isinstance(img, Image.Image):
+            img = v2.functional.pil_to_tensor(img)
+        native = (isinstance(img, torch.Tensor) and img.dtype == torch.uint8
+                  and img.device.type == "cpu" and img.ndim in (3, 4)
+                  and self.interpolation in (InterpolationMode.BILINEAR,
+                                             InterpolationMode.BICUBIC))
+        if native:
+            size = self._resized_size(img.shape[-2:])
+            batch = img if img.ndim == 4 else img[None]
+            out = torch.nn.functional.interpolate(batch, size=size,
+                                                  mode=self.interpolation.value,
+                                                  align_corners=False, antialias=True)
+            img = out if img.ndim == 4 else out[0]
         else:
-            short_target = int(self.resize_size)
-        w, h = size
+            img = v2.functional.resize(img, self.resize_size, self.interpolation, antialias=True)
+        return v2.functional.center_crop(img, list(self.crop_size))
+
+    def _resized_size(self, size: Any) -> tuple[int, int]:
+        """``(height, width)`` after the resize, computed as torchvision's ``Resize`` does."""
+        h, w = int(size[0]), int(size[1])
+        target = self.resize_size
+        if isinstance(target, (tuple, list)):
+            if len(target) == 2:
+                return int(target[0]), int(target[1])
+            target = target[0]
         short, long = (w, h) if w <= h else (h, w)
-        new_long = int(short_target * long / short)  # as torchvision's Resize computes it
-        nw, nh = (short_target, new_long) if w <= h else (new_long, short_target)
-        th, tw = self.crop_size
-        if nw < tw or nh < th:
-            return None  # CenterCrop would pad
-        if nw > w or nh > h:
-            return None  # upsampling: Pillow's box path rounds differently (up to 2 levels)
-        top, left = int(round((nh - th) / 2.0)), int(round((nw - tw) / 2.0))
-        sx, sy = w / nw, h / nh
-        return (left * sx, top * sy, (left + tw) * sx, (top + th) * sy)
+        new_short, new_long = int(target), int(int(target) * long / short)
+        return (new_long, new_short) if w <= h else (new_short, new_long)
