@@ -18,6 +18,7 @@ DEFAULT_HEADS = ("logreg", "linear-svm", "svm-rbf", "knn")
 DEFAULT_CLASSICAL = ("pixels+logreg", "pixels+svm-rbf", "hog+linear-svm")
 FINETUNE_STRATEGIES = ("head", "full")
 STRATEGIES = ("head", "partial", "full", "gradual")
+AUGMENTS = ("basic", "trivial", "randaugment", "erasing")
 
 
 def _say(msg: str) -> None:
@@ -172,6 +173,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         image_size=args.image_size, strategy=args.strategy, epochs=args.epochs, lr=args.lr,
         batch_size=args.batch_size, val_size=args.val_size, resume=args.resume,
         device=args.device, precision=args.precision, num_workers=args.workers,
+        augment=None if args.augment == "none" else args.augment,
         random_state=args.seed, verbose=0 if args.quiet or args.json else 1,
     )
     summary = result.to_dict()
@@ -206,6 +208,10 @@ def _add_finetune(sub: Any) -> None:
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--augment", default="basic", choices=[*AUGMENTS, "none"],
+                   help="training augmentation: basic = random resized crop + flip; trivial / "
+                        "randaugment / erasing add TrivialAugmentWide / RandAugment / "
+                        "RandomErasing (default: basic)")
     p.add_argument("--val-size", type=_size, default=0.1,
                    help="validation fraction (0.1) or count (200); 0 = none")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")

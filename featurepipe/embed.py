@@ -96,6 +96,35 @@ def release_free_heap() -> bool:
     return True
 
 
+#: glibc ``mallopt`` parameters, and the threshold featurepipe sets on CPU (1 GiB: every
+#: activation of a batch comes from the heap).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_HEAP_THRESHOLD = 1 << 30
+
+
+@lru_cache(maxsize=1)
+def keep_buffers_in_heap() -> bool:
+    """Serve large CPU buffers from malloc's heap, not fresh mmaps (glibc; once per process).
+
+    glibc maps every allocation above its mmap threshold (adaptive, at most 32 MiB) afresh
+    and unmaps it when it is freed, so a batch's large activations page-fault in again on
+    every batch: measured 2,500 minor page faults per image for lite0 at batch 64 (compiled,
+    bf16, 2 cores), where the forward pass alone ran at 140 img/s; from the heap, with no page
+    faults, at 221. Freed memory stays in the heap until the trim after each shard
+    (:func:`release_free_heap`), which keeps peak RSS flat over long runs
+    (``benchmarks/results/memory.md``). Process-wide and not undone (glibc cannot restore its
+    adaptive threshold). ``FEATUREPIPE_MALLOC=default`` in the environment skips it.
+    """
+    if os.environ.get("FEATUREPIPE_MALLOC", "").lower() == "default":
+        return False
+    libc = _libc()
+    if libc is None or not hasattr(libc, "mallopt"):
+        return False
+    ok = libc.mallopt(_M_MMAP_THRESHOLD, _HEAP_THRESHOLD) == 1
+    # Without this, freeing the heap's top buffer would hand it back (and fault it in again).
+    return libc.mallopt(_M_TRIM_THRESHOLD, _HEAP_THRESHOLD) == 1 and ok
+
+
 @lru_cache(maxsize=1)
 def _libc() -> Any:
     if sys.platform != "linux":
@@ -725,6 +754,8 @@ def _run_shards(job: EmbedJob, shards: list[tuple[str, list[int]]], writer: Stor
 
     flat = [i for _, part in shards for i in part]
     dev = job.device
+    if dev.type == "cpu":
+        keep_buffers_in_heap()
     loader = _loader(job, flat, shards, workers)
     module = prepare_model(job.backbone, dev)
     model: Callable[[torch.Tensor], torch.Tensor] = module

@@ -376,6 +376,8 @@ class ImageEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
             pre.resize_size if policy.reduce_on_load else None, fill_dtype=torch.uint8)
         batches = [list(range(s, min(s + self.batch_size, len(src))))
                    for s in range(0, len(src), self.batch_size)]
+        if device.type == "cpu":
+            _engine.keep_buffers_in_heap()
         loader = _engine.batch_loader(dataset, batches, device, self.workers)
         model = _engine.prepare_model(backbone, device)
         values: list[np.ndarray | str] = [""] * len(src)
@@ -391,6 +393,7 @@ class ImageEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
                     if reason:
                         values[idx[k]] = reason
                 bar.update(len(idx))
+        _engine.release_free_heap()
         return values
 
     def _from_store(self, store: FeatureStore, src: ImageSource, fps: list[str]

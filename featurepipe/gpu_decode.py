@@ -8,7 +8,7 @@ backend for baseline JPEGs where the GPU has JPEG engines, as the H100 does). So
 ``decoder="nvjpeg"`` DataLoader workers only read the files and vet their headers;
 whole batches are decoded on the GPU with one call and resized and cropped there with
 torchvision's ``Resize`` + ``CenterCrop`` (what ``ResizeCenterCrop`` does with tensors; on
-the CPU it resizes the crop box of a PIL image instead).
+the CPU it calls torch's uint8 kernel, on the GPU torchvision goes through float).
 
 Only plain files nvjpeg handles exactly like Pillow go this way: a baseline or progressive
 JPEG, RGB or grey, within ``max_pixels``, with no EXIF rotation and intact (ends with the EOI

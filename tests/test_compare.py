@@ -180,6 +180,24 @@ def test_cli_finetune(run, tmp_path, capsys):
     assert Path(summary["paths"]["checkpoint"]).exists()
 
 
+@pytest.mark.parametrize(("flag", "expected"), [([], "basic"),
+                                               (["--augment", "erasing"], "erasing"),
+                                               (["--augment", "none"], None)])
+def test_cli_finetune_passes_the_augmentation(monkeypatch, tmp_path, capsys, flag, expected):
+    import featurepipe.finetune
+
+    seen = {}
+
+    def spy(source, out_dir, **params):
+        seen.update(params)
+        raise ConfigError("stopped by the test")
+
+    monkeypatch.setattr(featurepipe.finetune, "finetune", spy)
+    assert main(["finetune", str(tmp_path), "--out", str(tmp_path / "ft"), *flag]) == 1
+    assert seen["augment"] == expected
+    assert "stopped by the test" in capsys.readouterr().err
+
+
 def test_cli_errors_are_one_line(tmp_path, capsys):
     flat = tmp_path / "flat"
     flat.mkdir()
@@ -200,7 +218,9 @@ def test_cli_defaults_mirror_the_library():
     from featurepipe import cli_compare
     from featurepipe.compare import DEFAULT_CLASSICAL, DEFAULT_HEADS, FINETUNE_STRATEGIES
     from featurepipe.finetune import STRATEGIES
+    from featurepipe.finetune.augment import AUGMENTS
 
+    assert cli_compare.AUGMENTS == tuple(a for a in AUGMENTS if a is not None)
     assert cli_compare.DEFAULT_HEADS == DEFAULT_HEADS
     assert cli_compare.DEFAULT_CLASSICAL == DEFAULT_CLASSICAL
     assert cli_compare.FINETUNE_STRATEGIES == FINETUNE_STRATEGIES

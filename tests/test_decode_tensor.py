@@ -134,3 +134,85 @@ def test_bad_files_get_the_same_reasons_as_pillow(tmp_path):
         assert fast.value.path == str(path)
     with pytest.raises(DecodeError, match="missing"):
         decode_image_tensor(tmp_path / "nowhere.jpg")
+
+
+def _pillow_says_plain(data: bytes, policy: DecodePolicy) -> bool:
+    """The same question answered by Pillow's parser (what is_plain_jpeg replaced)."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.format != "JPEG" or img.mode not in ("RGB", "L"):
+                return False
+            return not policy.exif_transpose or img.getexif().get(0x0112, 1) == 1
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _big_endian_exif(orientation: int) -> bytes:
+    ifd = (1).to_bytes(2, "big") + (0x0112).to_bytes(2, "big") + (3).to_bytes(2, "big")
+    ifd += (1).to_bytes(4, "big") + orientation.to_bytes(2, "big") + b"\0\0" + b"\0\0\0\0"
+    return b"MM\0*" + (8).to_bytes(4, "big") + ifd
+
+
+def _headers(tmp_path: Path) -> dict[str, tuple[bytes, bool]]:
+    """JPEG files -> (bytes, plain?) covering what the marker scan must tell apart."""
+    photo = Image.fromarray(PHOTO)
+    out: dict[str, tuple[bytes, bool]] = {}
+
+    def save(name: str, plain: bool, img: Image.Image = photo, **kw) -> None:
+        buf = io.BytesIO()
+        img.save(buf, format=kw.pop("format", "JPEG"), **kw)
+        out[name] = (buf.getvalue(), plain)
+
+    for name, kw in PLAIN.items():
+        save(name, True, **kw)
+    save("grey", True, photo.convert("L"))
+    upright = Image.Exif()
+    upright[0x0112] = 1
+    upright[0x010F] = "camera maker"
+    save("exif upright", True, exif=upright.tobytes())
+    no_orientation = Image.Exif()
+    no_orientation[0x0110] = "model"
+    save("exif without orientation", True, exif=no_orientation.tobytes())
+    for value in (3, 6, 8):
+        rotated = Image.Exif()
+        rotated[0x0112] = value
+        save(f"exif orientation {value}", False, exif=rotated.tobytes())
+    save("big-endian exif orientation 3", False, exif=b"Exif\0\0" + _big_endian_exif(3))
+    save("big-endian exif orientation 1", True, exif=b"Exif\0\0" + _big_endian_exif(1))
+    xmp = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/'
+           b'02/22-rdf-syntax-ns#"><rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" '
+           b'tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>')
+    save("xmp orientation", False, xmp=xmp)
+    save("cmyk", False, photo.convert("CMYK"))
+    save("mpo", False, format="MPO", save_all=True, append_images=[photo.rotate(90)])
+    return out
+
+
+def test_marker_scan_agrees_with_pillow(tmp_path):
+    policy = DecodePolicy()
+    for name, (raw, plain) in _headers(tmp_path).items():
+        assert _pillow_says_plain(raw, policy) == plain, name  # the fixture itself
+        assert is_plain_jpeg(raw, policy) == plain, name
+        # Off-policy: with exif_transpose off, orientation no longer matters.
+        relaxed = DecodePolicy(exif_transpose=False)
+        assert is_plain_jpeg(raw, relaxed) == _pillow_says_plain(raw, relaxed), name
+
+
+def test_marker_scan_refuses_what_it_cannot_read():
+    buf = io.BytesIO()
+    Image.fromarray(PHOTO).save(buf, format="JPEG")
+    raw = buf.getvalue()
+    policy = DecodePolicy()
+    assert is_plain_jpeg(raw, policy)
+    sof = raw.index(b"\xff\xc0")
+    broken = {
+        "12-bit": raw[:sof + 4] + b"\x0c" + raw[sof + 5:],
+        "zero height": raw[:sof + 5] + b"\0\0" + raw[sof + 7:],
+        "four components": raw[:sof + 9] + b"\x04" + raw[sof + 10:],
+        "arithmetic coding": raw[:sof + 1] + b"\xc9" + raw[sof + 2:],
+        "segment longer than the file": raw[:sof + 2] + b"\xff\xff" + raw[sof + 4:],
+        "no frame": raw[:sof] + raw[sof + 2 + int.from_bytes(raw[sof + 2:sof + 4], "big"):],
+        "garbage exif": raw[:2] + b"\xff\xe1\x00\x0cExif\0\0XXXX" + raw[2:],
+    }
+    for name, header in broken.items():
+        assert not is_plain_jpeg(header, policy), name

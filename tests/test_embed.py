@@ -286,3 +286,37 @@ def test_uint8_batches_are_normalised_like_eval_transform_exactly(mixed_folder):
     norm = NormalizedInput(torch.nn.Identity(), bb.preprocess.mean, bb.preprocess.std)
     assert torch.equal(norm(crops), floats)
     assert norm(floats) is floats  # float batches are taken as normalised already
+
+
+_FAULTS_SCRIPT = """
+import resource
+import torch
+import featurepipe.embed as E
+tuned = E.keep_buffers_in_heap()
+net = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.ReLU(),
+                          torch.nn.Conv2d(32, 32, 3, padding=1), torch.nn.ReLU(),
+                          torch.nn.AdaptiveAvgPool2d(1)).eval()
+x = torch.rand(8, 3, 160, 160)  # activations of 26 MB
+with torch.inference_mode():
+    for _ in range(3):  # the last pass is what every later batch sees
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        net(x)
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+print(tuned, faults)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning only")
+@pytest.mark.parametrize("setting", ["", "default"])
+def test_cpu_buffers_stay_in_the_heap_unless_asked(setting):
+    """After the first batch, a forward pass's activations come back without page faults (glibc
+    mapped them afresh on every pass: ~25,000 faults here), and FEATUREPIPE_MALLOC=default
+    leaves glibc as it is."""
+    env = {**os.environ, "FEATUREPIPE_MALLOC": setting}
+    out = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT], env=env, capture_output=True,
+                         text=True, check=True).stdout.split()
+    tuned, faults = out[0] == "True", int(out[1])
+    if setting == "default":
+        assert not tuned and faults > 5000
+    else:
+        assert tuned and faults < 500
