@@ -38,6 +38,7 @@ def run_one(images: Path, n: int, args: argparse.Namespace) -> dict:
                "--batch-size", str(args.batch_size)]
         if args.image_size:
             cmd += ["--image-size", str(args.image_size)]
+        cmd += ["--compile", args.compile]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     result = json.loads(out.split("RESULT ", 1)[1])
     result.update(n_images=n, peak_mb=result["self_mb"] + result["workers_max_mb"],
@@ -52,6 +53,10 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=None,
                     help="crop size (default: the backbone's own, 224)")
     ap.add_argument("--images", default=None, help="folder to create/reuse (default: temp)")
+    ap.add_argument("--compile", default="on", choices=["auto", "on", "off"],
+                    help="the same for every size (default on): with auto only runs of 6,000+ "
+                         "images compile, and inductor's compile worker processes would then "
+                         "count against the larger size alone")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     base = Path(args.images or tempfile.mkdtemp())
@@ -69,7 +74,9 @@ def main() -> None:
                                   "img_s"])
           + f"\n\nGrowth from {sizes[0]} to {sizes[-1]} images: {growth:.0f} MB "
           "(target: within 300 MB). Default backbone efficientnet_lite0, "
-          f"crop {args.image_size or 224}, batch {args.batch_size}, 160x120 JPEG files.")
+          f"crop {args.image_size or 224}, batch {args.batch_size}, 160x120 JPEG files, "
+          f"--compile {args.compile}. peak = the main process's peak RSS + the largest child's "
+          "(inductor's compile workers; the decoding runs in threads).")
     write_results("memory", {"machine": machine(), "args": vars(args), "rows": rows,
                              "growth_mb": growth}, md)
     print(md)

@@ -3,10 +3,10 @@
 Why: eager mode runs every operator as its own pass over memory and, under autocast, re-casts
 each weight on every call. Inductor fuses the element-wise tails into the convolutions' loops,
 and on a CPU ``freezing`` (below) folds and pre-packs the weights. Measured on efficientnet_lite0,
-224 px, batch 64, 2,048 500x375 JPEG files, bf16, 2 Sapphire Rapids cores: 69.6 img/s eager,
-109.9 img/s compiled once the one-off compile is done (25 s on a cold inductor cache, less when
-inductor's on-disk cache already holds the graph); resnet50 38.0 -> 117.0
-(``benchmarks/results/throughput-cpu.md``).
+224 px, batch 64, 8,192 500x375 JPEG files, bf16, 2 Sapphire Rapids cores: 96.7 img/s eager,
+166.2 img/s compiled once the one-off compile is done (26 s on a cold inductor cache, less when
+inductor's on-disk cache already holds the graph); resnet50 51.4 -> 128.8
+(``benchmarks/results/throughput-cpu-8k.md``).
 
 On a CPU the graph is compiled with inductor's ``freezing``: BatchNorm folded into the
 convolutions, weights pre-packed for oneDNN, conv + activation + residual fused. Folding a
@@ -16,9 +16,10 @@ weights lost enough that the min cosine to fp32 features fell from 0.995 to 0.96
 photos (a folded fp32 depthwise conv restored 0.999). :func:`depthwise_norms_in_fp32` therefore
 runs each BatchNorm that follows a grouped convolution in fp32, outside autocast, on the
 convolution's bf16 output: inductor cannot fold across that cast, and every other convolution
-still folds. Forward pass alone (lite0, bf16, batch 64, 2 cores): 115 img/s compiled, 171
-frozen (min cosine 0.967), 148 frozen with the depthwise norms in fp32 (min cosine 0.995, as
-eager bf16); resnet50 (random weights) 64 -> 122.
+still folds. Forward pass alone (lite0, bf16, batch 64, 2 cores; measured before the engine
+kept activations in malloc's heap, which lifted all of these): 115 img/s compiled, 171 frozen
+(min cosine 0.967), 148 frozen with the depthwise norms in fp32 (min cosine 0.995, as eager
+bf16); resnet50 (random weights) 64 -> 122.
 
 ``"auto"`` compiles only where that pays and where nothing changes but speed:
 

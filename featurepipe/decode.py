@@ -40,6 +40,7 @@ __all__ = [
     "decode_image",
     "decode_image_tensor",
     "is_plain_jpeg",
+    "read_jpeg_bytes",
     "to_rgb",
 ]
 
@@ -210,7 +211,7 @@ def decode_image_tensor(
 
     policy = DecodePolicy() if policy is None else policy
     path_str = os.fspath(path)
-    data = _read_if_jpeg(path_str)
+    data = read_jpeg_bytes(path_str)
     target = None if target_size is None else _shorter_side(target_size)
     decode_jpeg = _torchvision_decode_jpeg()
     if data is not None and decode_jpeg is not None and is_plain_jpeg(data, policy, target):
@@ -345,7 +346,7 @@ def _torchvision_decode_jpeg() -> Any:
     return lambda data: op(data, rgb, False)
 
 
-def _read_if_jpeg(path: str) -> bytearray | None:
+def read_jpeg_bytes(path: str | os.PathLike[str]) -> bytearray | None:
     """The file's bytes when it starts like a JPEG, else None (without reading the rest)."""
     try:
         with open(path, "rb") as fh:

@@ -43,7 +43,7 @@ def check_decoder(decoder: str, device: torch.device) -> None:
                           "(use decoder='pil', or --device cuda on a machine with a GPU)")
 
 
-def nvjpeg_eligible(data: bytes, max_pixels: int) -> bool:
+def nvjpeg_eligible(data: bytes | bytearray, max_pixels: int) -> bool:
     """True when nvjpeg gives what Pillow would: an intact RGB/grey JPEG, upright, not too big
     (:func:`featurepipe.decode.is_plain_jpeg`; only the header is parsed)."""
     from featurepipe.decode import DecodePolicy, is_plain_jpeg
@@ -93,12 +93,13 @@ class _EncodedFiles(Dataset):
     def _read(self, pos: int) -> bytes | None:
         if self.paths is None:
             return None
-        try:
-            with open(self.paths[pos], "rb") as fh:
-                data = fh.read()
-        except OSError:
-            return None  # the CPU decoder names the problem
-        return data if nvjpeg_eligible(data, self.max_pixels) else None
+        from featurepipe.decode import read_jpeg_bytes
+
+        # Other formats are not read here, only by the CPU decoder (an error is named there).
+        data = read_jpeg_bytes(self.paths[pos])
+        if data is None or not nvjpeg_eligible(data, self.max_pixels):
+            return None
+        return bytes(data)
 
 
 class EncodedBatch(NamedTuple):
