@@ -21,6 +21,7 @@ decode policy are exactly those of the CPU path. The pixels differ slightly from
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
+from functools import lru_cache
 from typing import Any, NamedTuple
 
 import torch
@@ -46,9 +47,17 @@ def check_decoder(decoder: str, device: torch.device) -> None:
 def nvjpeg_eligible(data: bytes | bytearray, max_pixels: int) -> bool:
     """True when nvjpeg gives what Pillow would: an intact RGB/grey JPEG, upright, not too big
     (:func:`featurepipe.decode.is_plain_jpeg`; only the header is parsed)."""
-    from featurepipe.decode import DecodePolicy, is_plain_jpeg
+    from featurepipe.decode import is_plain_jpeg
 
-    return is_plain_jpeg(data, DecodePolicy(max_pixels=max_pixels))
+    return is_plain_jpeg(data, _policy(max_pixels))
+
+
+@lru_cache(maxsize=4)
+def _policy(max_pixels: int) -> Any:
+    """One DecodePolicy per limit, not a freshly validated one per file."""
+    from featurepipe.decode import DecodePolicy
+
+    return DecodePolicy(max_pixels=max_pixels)
 
 
 def resize_grouped(images: Sequence[torch.Tensor], resize: Any) -> list[torch.Tensor]:
