@@ -361,11 +361,12 @@ def _torchvision_decode_jpeg() -> Any:
 def read_jpeg_bytes(path: str | os.PathLike[str]) -> bytearray | None:
     """The file's bytes when it starts like a JPEG, else None (without reading the rest)."""
     try:
-        with open(path, "rb") as fh:
-            if fh.read(3) != _JPEG_SOI:
+        with open(path, "rb", buffering=0) as fh:
+            head = fh.read(3)
+            if head != _JPEG_SOI:
                 return None
-            fh.seek(0)
-            return bytearray(fh.read())
+            # A writable buffer: torch.frombuffer warns on read-only ones.
+            return bytearray(head) + fh.readall()
     except OSError:
         return None  # decode_image names the problem
 

@@ -717,7 +717,11 @@ def test_resize_center_crop_gives_the_same_bits_on_every_cpu_kernel(tmp_path):
         "    crop = ResizeCenterCrop(256, (224, 224), v2.InterpolationMode(mode))\n"
         "    for size in ((375, 500), (300, 120), (1031, 777)):\n"
         "        x = torch.from_numpy(rng.integers(0, 256, (3, *size), dtype=np.uint8))\n"
-        "        h.update(crop(x).contiguous().numpy().tobytes())\n"
+        "        planar = crop(x).contiguous()\n"
+        "        # Channels-last input, as decoders give it, takes the out= kernel call.\n"
+        "        interleaved = crop(x.permute(1, 2, 0).contiguous().permute(2, 0, 1))\n"
+        "        assert torch.equal(planar, interleaved)\n"
+        "        h.update(planar.numpy().tobytes())\n"
         "print(torch.backends.cpu.get_cpu_capability(), h.hexdigest())\n")
     digests = {}
     for capability in ("default", "avx2", "avx512"):
