@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from functools import lru_cache
+from functools import cache, lru_cache
 from typing import Any
 
 import numpy as np
@@ -136,32 +136,28 @@ def run_ops_single_threaded() -> None:
     main thread keeps its team. Where that library is not there, nothing changes.
     """
     omp = _torch_libgomp()
-    if omp is not None:
+    if omp is not None and hasattr(omp, "omp_set_num_threads"):
         torch.get_num_threads()  # torch's own per-thread set-up first, or it would undo this
         omp.omp_set_num_threads(1)
 
 
-@lru_cache(maxsize=1)
 def _torch_libgomp() -> Any:
+    """The OpenMP runtime torch's Linux wheels ship and run on (None elsewhere)."""
     path = os.path.join(os.path.dirname(torch.__file__), "lib", "libgomp.so.1")
-    if not os.path.exists(path):
-        return None
-    try:
-        import ctypes
-
-        return ctypes.CDLL(path)
-    except OSError:
-        return None
+    return _shared_library(path) if os.path.exists(path) else None
 
 
-@lru_cache(maxsize=1)
 def _libc() -> Any:
-    if sys.platform != "linux":
-        return None
+    return _shared_library("libc.so.6") if sys.platform == "linux" else None
+
+
+@cache
+def _shared_library(name: str) -> Any:
+    """A ctypes handle of an already loaded or loadable shared library, or None."""
     try:
         import ctypes
 
-        return ctypes.CDLL("libc.so.6")
+        return ctypes.CDLL(name)
     except OSError:
         return None
 
