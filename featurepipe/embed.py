@@ -274,33 +274,35 @@ class _SourceDataset(Dataset):
         return len(self.indices)
 
     def __getitem__(self, k: int) -> tuple[int, torch.Tensor, str]:
-        i = self.indices[k]
-        try:
-            image = self.source.load_tensor(i, self.policy, target_size=self.target_size)
-            return i, self.transform(image), ""
-        except DecodeError as exc:
-            reason = exc.reason
-        except Exception as exc:  # noqa: BLE001 - one odd file must never kill a long run
-            reason = f"failed: {type(exc).__name__}: {exc}"
-        return i, torch.zeros(3, *self.input_size, dtype=self.fill_dtype), reason
+        i, crop, reason = self._guarded(k, self.transform)
+        if crop is None:
+            crop = torch.zeros(3, *self.input_size, dtype=self.fill_dtype)
+        return i, crop, reason
 
     def decode_into(self, k: int, out: torch.Tensor) -> tuple[int, str]:
         """``__getitem__`` written into ``out``, a ``(3, H, W)`` slot of a batch: the source
         index and the reason it failed ("" when it did not; the slot is then zeros)."""
+        transform = self.transform
+        if isinstance(transform, ResizeCenterCrop):
+            i, _, reason = self._guarded(k, lambda image: transform(image, out=out))
+        else:
+            i, _, reason = self._guarded(k, lambda image: out.copy_(transform(image)))
+        if reason:
+            out.zero_()
+        return i, reason
+
+    def _guarded(self, k: int, finish: Callable[[Any], torch.Tensor]
+                 ) -> tuple[int, torch.Tensor | None, str]:
+        """Sample ``k`` decoded and passed to ``finish``; a failure of either becomes a reason."""
         i = self.indices[k]
         try:
             image = self.source.load_tensor(i, self.policy, target_size=self.target_size)
-            if isinstance(self.transform, ResizeCenterCrop):
-                self.transform(image, out=out)
-            else:
-                out.copy_(self.transform(image))
-            return i, ""
+            return i, finish(image), ""
         except DecodeError as exc:
             reason = exc.reason
         except Exception as exc:  # noqa: BLE001 - one odd file must never kill a long run
             reason = f"failed: {type(exc).__name__}: {exc}"
-        out.zero_()
-        return i, reason
+        return i, None, reason
 
 
 def _collate(batch: list[tuple[int, torch.Tensor, str]]
