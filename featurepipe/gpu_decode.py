@@ -92,14 +92,14 @@ class _EncodedFiles(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, pos: int) -> tuple[int, bytes | None, torch.Tensor | None, str]:
+    def __getitem__(self, pos: int) -> tuple[int, bytearray | None, torch.Tensor | None, str]:
         data = self._read(pos)
         if data is not None:
             return pos, data, None, ""
         _, crop, reason = self.dataset[pos]
         return pos, None, crop, reason
 
-    def _read(self, pos: int) -> bytes | None:
+    def _read(self, pos: int) -> bytearray | None:
         if self.paths is None:
             return None
         from featurepipe.decode import read_jpeg_bytes
@@ -108,7 +108,7 @@ class _EncodedFiles(Dataset):
         data = read_jpeg_bytes(self.paths[pos])
         if data is None or not nvjpeg_eligible(data, self.max_pixels):
             return None
-        return bytes(data)
+        return data
 
 
 class EncodedBatch(NamedTuple):
@@ -124,7 +124,7 @@ class EncodedBatch(NamedTuple):
     reasons: list[str]
 
 
-def _collate_encoded(items: list[tuple[int, bytes | None, torch.Tensor | None, str]]
+def _collate_encoded(items: list[tuple[int, bytearray | None, torch.Tensor | None, str]]
                      ) -> EncodedBatch:
     jpeg_slots = [k for k, item in enumerate(items) if item[1] is not None]
     crop_slots = [k for k, item in enumerate(items) if item[1] is None]
