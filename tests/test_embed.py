@@ -303,26 +303,26 @@ with torch.inference_mode():
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         net(x)
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-# After two warm-up passes, the fewest of four: taking only the last, about one run in eight
-# saw a whole activation's worth of faults in it on the 2-core VM (cause not found).
-print(tuned, min(faults[2:]))
+# After two warm-up passes, how many of the next four took over 5,000 faults.
+print(tuned, sum(f > 5000 for f in faults[2:]))
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning only")
 @pytest.mark.parametrize("setting", ["", "default"])
 def test_cpu_buffers_stay_in_the_heap_unless_asked(setting):
-    """After the first batch, a forward pass's activations come back without page faults (glibc
-    mapped them afresh on every pass: ~25,000 faults here), and FEATUREPIPE_MALLOC=default
-    leaves glibc as it is."""
+    """After warm-up, a forward pass's activations come back without page faults (glibc maps
+    them afresh: 13,000-32,000 faults a pass here, until its adaptive threshold settles, if it
+    does), and FEATUREPIPE_MALLOC=default leaves glibc as it is. One tuned pass in a few runs
+    still takes one activation's worth (6,400; cause not found), hence "at most one"."""
     env = {**os.environ, "FEATUREPIPE_MALLOC": setting}
     out = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT], env=env, capture_output=True,
                          text=True, check=True).stdout.split()
-    tuned, faults = out[0] == "True", int(out[1])
+    tuned, faulting_passes = out[0] == "True", int(out[1])
     if setting == "default":
-        assert not tuned and faults > 5000
+        assert not tuned and faulting_passes >= 2
     else:
-        assert tuned and faults < 500
+        assert tuned and faulting_passes <= 1
 
 
 def test_decode_threads_write_each_crop_into_its_batch_slot(mixed_folder):
