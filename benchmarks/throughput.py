@@ -10,7 +10,8 @@ For each backbone, in one run, at the same resolution and batch size:
   (backbone load, fingerprints, decode, any ``torch.compile`` on a cold inductor cache, store
   commit all included); ``steady`` is the same run without the first batch's compile time;
 - ceiling: featurepipe's forward pass alone (same precision, layout and compile) on random uint8
-  batches already in memory;
+  batches already in memory; on CPU, compiled, the faster of one batch at a time over all cores
+  and one single-threaded stream per core (what the engine runs);
 - cache: the same ``embed`` call again (everything re-used).
 
 Features are compared with the naive fp32 ones (cosine similarity per image).
@@ -26,7 +27,9 @@ import os
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -66,28 +69,48 @@ def naive_loop(root: Path, name: str, weights: str | None, batch_size: int) -> t
 
 
 def ceiling(name: str, weights: str | None, batch_size: int, n: int, precision: str,
-            compiled: bool, on_device: bool = False) -> float:
+            compiled: bool, on_device: bool = False, streams: int = 1) -> float:
     """Forward-only images/s on uint8 batches already in memory, as featurepipe runs them.
 
     ``on_device``: the batch already sits in GPU memory (no host-to-device copy per batch).
+    ``streams`` > 1 (CPU, compiled): that many threads, each running the forward pass alone on
+    its own batch, in chunks, as the engine's streams do (:mod:`featurepipe.cpu_streams`).
     """
     from featurepipe.compiling import CompiledExtractor
+    from featurepipe.cpu_streams import STREAM_CHUNK
 
     bb = load_backbone(resolve_spec(name, weights=weights))
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     module = fp_embed.prepare_model(bb, dev)
-    model = CompiledExtractor(module, batch_size, dev, precision) if compiled else module
+    per_core = streams > 1 and compiled and dev.type == "cpu"
+    model: Any = module
+    if compiled:
+        model = CompiledExtractor(module, STREAM_CHUNK if per_core else batch_size, dev,
+                                  precision, per_core=per_core)
     x = torch.randint(0, 256, (batch_size, 3, *bb.preprocess.input_size), dtype=torch.uint8)
     x = x.contiguous(memory_format=torch.channels_last)
     if on_device:
         x = x.to(dev)
-    for _ in range(2):  # warm-up (and compile)
-        fp_embed.forward_features(model, x, dev, precision)
     batches = max(1, n // batch_size)
-    t0 = time.perf_counter()
-    for _ in range(batches):
-        fp_embed.forward_features(model, x, dev, precision)
-    return batches * batch_size / (time.perf_counter() - t0)
+    if not per_core:
+        for _ in range(2):  # warm-up (and compile)
+            fp_embed.forward_features(model, x, dev, precision)
+        t0 = time.perf_counter()
+        for _ in range(batches):
+            fp_embed.forward_features(model, x, dev, precision)
+        return batches * batch_size / (time.perf_counter() - t0)
+    fp_embed.compile_for_streams(model, bb.preprocess.input_size, dev, precision)
+    per_stream = max(1, batches // streams)
+
+    def run(k: int) -> None:
+        for _ in range(k):
+            fp_embed.forward_features(model, x, dev, precision)
+
+    with ThreadPoolExecutor(streams, initializer=fp_embed.run_ops_single_threaded) as pool:
+        list(pool.map(run, [1] * streams))  # warm-up
+        t0 = time.perf_counter()
+        list(pool.map(run, [per_stream] * streams))
+        return streams * per_stream * batch_size / (time.perf_counter() - t0)
 
 
 def timed_embed(root: Path, store: Path, name: str, weights: str | None, batch_size: int,
@@ -125,7 +148,15 @@ def bench_backbone(root: Path, name: str, weights: str | None, n: int, batch_siz
                    "nvjpeg_cosine_min": float(cosine(nv.features, naive_feats, nv.ids).min())}
     cos = cosine(fs.features, naive_feats, fs.ids)
     timed = min(n, 4096 if torch.cuda.is_available() else 1024)
-    ceil = ceiling(name, weights, batch_size, timed, report.precision, report.compiled)
+    ceil = ceil_team = ceiling(name, weights, batch_size, timed, report.precision,
+                               report.compiled)
+    streams = {}
+    if report.device == "cpu" and report.compiled:  # the engine ran one stream per core
+        streams["ceiling_team_img_s"] = ceil_team
+        streams["ceiling_streams_img_s"] = ceiling(name, weights, batch_size, timed,
+                                                   report.precision, True,
+                                                   streams=torch.get_num_threads())
+        ceil = max(ceil_team, streams["ceiling_streams_img_s"])
     steady_s = first_s - report.compile_seconds
     if gpu:
         gpu["ceiling_on_device_img_s"] = ceiling(name, weights, batch_size, timed,
@@ -145,7 +176,7 @@ def bench_backbone(root: Path, name: str, weights: str | None, n: int, batch_siz
         "fraction_of_ceiling": (n / steady_s) / ceil,
         "cached_rerun_seconds": cached_s, "first_run_seconds": first_s,
         "cache_speedup": first_s / cached_s,
-        "cosine_min": float(cos.min()), "cosine_mean": float(cos.mean()), **gpu,
+        "cosine_min": float(cos.min()), "cosine_mean": float(cos.mean()), **streams, **gpu,
     }
 
 
@@ -222,6 +253,9 @@ def main() -> None:
             "featurepipe_img_s", "compile_seconds", "steady_img_s", "ceiling_img_s",
             "speedup_vs_naive", "steady_speedup_vs_naive", "fraction_of_ceiling",
             "cache_speedup", "cosine_min"]
+    if any("ceiling_streams_img_s" in row for row in rows):
+        cols[cols.index("ceiling_img_s") + 1:cols.index("ceiling_img_s") + 1] = [
+            "ceiling_team_img_s", "ceiling_streams_img_s"]
     if torch.cuda.is_available():
         cols += ["nvjpeg_img_s", "nvjpeg_steady_img_s", "ceiling_on_device_img_s",
                  "nvjpeg_steady_fraction_of_ceiling", "nvjpeg_steady_fraction_of_device_ceiling",
@@ -236,7 +270,10 @@ def main() -> None:
             + ("warm" if args.warm_compile_cache else "cold, empty")
             + " inductor cache: `compile_seconds`, store commit); steady = the same run less the "
             "compile; ceiling = featurepipe's forward pass alone (same precision and compile) on "
-            "uint8 batches in memory; fraction_of_ceiling = steady / ceiling; cosine = "
+            "uint8 batches in memory; on CPU, compiled, the faster of two ways to run it: "
+            "ceiling_team = one batch at a time over all cores, ceiling_streams = one "
+            "single-threaded stream per core (what the engine runs, "
+            "`featurepipe.cpu_streams`); fraction_of_ceiling = steady / ceiling; cosine = "
             "featurepipe features vs naive fp32 features of the same files."
           + (" On the GPU: nvjpeg = `featurepipe.embed(decoder=\"nvjpeg\")` (JPEGs decoded "
              "and resized on the GPU), everything included; nvjpeg_steady = its rate once "

@@ -34,6 +34,7 @@ from featurepipe.backbones import (
 )
 from featurepipe.backbones._spec import ResizeCenterCrop
 from featurepipe.compiling import CompiledExtractor, check_choice, should_compile
+from featurepipe.cpu_streams import STREAM_CHUNK, CoreStreams
 from featurepipe.decode import DecodePolicy
 from featurepipe.devices import (  # noqa: F401 - re-exported: engine callers use these names
     PRECISIONS,
@@ -822,8 +823,9 @@ def _run_shards(job: EmbedJob, shards: list[tuple[str, list[int]]], writer: Stor
                 ) -> CompiledExtractor | None:
     """Stream batches through the model; write each shard the moment its last batch is done.
 
-    ``workers``: decode processes (None = threads on CPU, processes on accelerators). Returns
-    the compiled forward pass when one was used (see :mod:`featurepipe.compiling`).
+    ``workers``: decode processes (None = threads on CPU, processes on accelerators). A compiled
+    run on CPU with decode threads runs one stream per core (:mod:`featurepipe.cpu_streams`).
+    Returns the compiled forward pass when one was used (see :mod:`featurepipe.compiling`).
     """
     from tqdm.auto import tqdm
 
@@ -831,32 +833,60 @@ def _run_shards(job: EmbedJob, shards: list[tuple[str, list[int]]], writer: Stor
     dev = job.device
     if dev.type == "cpu":
         keep_buffers_in_heap()
-    loader = _loader(job, flat, shards, workers)
     module = prepare_model(job.backbone, dev)
     model: Callable[[torch.Tensor], torch.Tensor] = module
     compiled = None
     if should_compile(compile_choice, dev, job.precision, len(flat),
                       job.backbone.preprocess.input_size):
-        model = compiled = CompiledExtractor(module, job.batch_size, dev, job.precision)
+        per_core = dev.type == "cpu" and workers is None
+        model = compiled = CompiledExtractor(module, STREAM_CHUNK if per_core else job.batch_size,
+                                             dev, job.precision, per_core=per_core)
+        if per_core:
+            compile_for_streams(compiled, job.backbone.preprocess.input_size, dev, job.precision)
     collector = ShardCollector(job, shards, writer)
     bar = tqdm(total=len(flat), unit="img", disable=not progress, dynamic_ncols=True,
                desc=f"embed {job.backbone.spec.name}")
-    in_flight: tuple[list[int], list[str], Callable[[], np.ndarray]] | None = None
     try:
-        # One batch in flight: launch batch n, then collect batch n-1 while the GPU works.
-        for idx, x, reasons in loader:
-            launched = start_forward_good(model, x, reasons, dev, job.precision)
-            if in_flight is not None:
-                collector.add(in_flight[0], in_flight[1], in_flight[2]())
-                bar.update(len(in_flight[0]))
-            in_flight = (idx, reasons, launched)
-        if in_flight is not None:
-            collector.add(in_flight[0], in_flight[1], in_flight[2]())
-            bar.update(len(in_flight[0]))
+        if compiled is not None and compiled.per_core and compiled.active:
+            streams = CoreStreams(
+                job.dataset(flat), _ShardBatchSampler(shards, job.batch_size),
+                lambda x, reasons: forward_good(model, x, reasons, dev, job.precision),
+                torch.get_num_threads(), initializer=run_ops_single_threaded)
+            for idx, reasons, feats in streams:
+                collector.add(idx, reasons, feats)
+                bar.update(len(idx))
+        else:
+            _run_batches(_loader(job, flat, shards, workers), model, job, collector, bar)
     finally:
         bar.close()
     writer.attrs["compiled"] = compiled is not None and compiled.active
     return compiled
+
+
+def compile_for_streams(compiled: CompiledExtractor, input_size: tuple[int, int],
+                        device: torch.device, precision: str) -> None:
+    """Compile before the streams start, in a thread set up like theirs: dynamo guards on the
+    thread count, so a graph compiled in this thread would be compiled again in each stream."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    x = torch.zeros(1, 3, *input_size, dtype=torch.uint8)
+    with ThreadPoolExecutor(1, initializer=run_ops_single_threaded) as pool:
+        pool.submit(forward_features, compiled, x, device, precision).result()
+
+
+def _run_batches(loader: Any, model: Callable[[torch.Tensor], torch.Tensor], job: EmbedJob,
+                 collector: ShardCollector, bar: Any) -> None:
+    """One batch in flight: launch batch n, then collect batch n-1 while a GPU works."""
+    in_flight: tuple[list[int], list[str], Callable[[], np.ndarray]] | None = None
+    for idx, x, reasons in loader:
+        launched = start_forward_good(model, x, reasons, job.device, job.precision)
+        if in_flight is not None:
+            collector.add(in_flight[0], in_flight[1], in_flight[2]())
+            bar.update(len(in_flight[0]))
+        in_flight = (idx, reasons, launched)
+    if in_flight is not None:
+        collector.add(in_flight[0], in_flight[1], in_flight[2]())
+        bar.update(len(in_flight[0]))
 
 
 def _write_shard(writer: Any, name: str, part: list[int], feats: dict[int, np.ndarray],

@@ -46,7 +46,8 @@ def test_compiled_extractor_matches_eager_with_one_graph_for_every_batch_size(ti
     counters.clear()
     compiled = CompiledExtractor(model, batch_size=8)
     gen = torch.Generator().manual_seed(0)
-    for n in (8, 3, 8, 1):  # full batches, a short last batch, a batch after skipped files
+    # full batches, a short last batch, a batch after skipped files, a batch run in chunks
+    for n in (8, 3, 8, 1, 20):
         x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=gen)
         x = x.contiguous(memory_format=torch.channels_last)
         got = forward_features(compiled, x, CPU, "fp32")
@@ -55,6 +56,35 @@ def test_compiled_extractor_matches_eager_with_one_graph_for_every_batch_size(ti
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert compiled.active
     assert counters["stats"]["unique_graphs"] == 1  # padding: the short batches did not recompile
+
+
+@pytest.mark.skipif(not has_cxx_compiler(), reason="inductor's CPU backend needs a C++ compiler")
+def test_per_core_graph_serves_concurrent_single_threaded_callers(tiny_model):
+    """One stream per core: kernels for one thread, the C++ wrapper, and one graph shared by
+    the streams (compiled in a thread set up like theirs, so no stream recompiles)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from torch._dynamo.utils import counters
+
+    from featurepipe.embed import compile_for_streams, run_ops_single_threaded
+
+    bb, model = tiny_model
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = CompiledExtractor(model, batch_size=4, device=CPU, per_core=True)
+    assert compiled.inductor_options() == {"freezing": True, "cpp.threads": 1,
+                                           "cpp_wrapper": True}
+    compile_for_streams(compiled, (32, 32), CPU, "fp32")
+    gen = torch.Generator().manual_seed(1)
+    xs = [torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=gen)
+          .contiguous(memory_format=torch.channels_last) for n in (9, 4, 7, 1, 12, 5)]
+    with ThreadPoolExecutor(2, initializer=run_ops_single_threaded) as pool:
+        got = list(pool.map(lambda x: forward_features(compiled, x, CPU, "fp32"), xs))
+    for x, g in zip(xs, got, strict=True):
+        torch.testing.assert_close(g, forward_features(model, x, CPU, "fp32"),
+                                   rtol=1e-4, atol=1e-4)
+    assert compiled.active
+    assert counters["stats"]["unique_graphs"] == 1
 
 
 def test_compile_failure_falls_back_to_eager_with_a_warning(tiny_model, monkeypatch):
@@ -76,13 +106,29 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(tiny_model, monkeypa
 
 
 @pytest.mark.skipif(not has_cxx_compiler(), reason="inductor's CPU backend needs a C++ compiler")
-def test_embed_compile_on_gives_the_eager_rows_and_records_it(tmp_path):
+def test_embed_compile_on_gives_the_eager_rows_and_records_it(tmp_path, monkeypatch):
+    from torch._dynamo.utils import counters
+
+    import featurepipe.embed as embed_module
+
     root = tmp_path / "imgs"
     write_good_images(root, 11, seed=4)
     (root / "broken.jpg").write_bytes(b"not a jpeg")
     opts = dict(TINY, precision="fp32", dtype="float32", progress=False, batch_size=4)
     eager = embed(root, tmp_path / "eager.h5", compile="off", **opts)
+    streams = []
+    real = embed_module.CoreStreams
+
+    def spy(*args, **kwargs):
+        streams.append(args[3])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(embed_module, "CoreStreams", spy)
+    torch._dynamo.reset()
+    counters.clear()
     fast = embed(root, tmp_path / "fast.h5", compile="on", **opts)
+    assert streams == [torch.get_num_threads()]  # compiled on CPU: one stream per core
+    assert counters["stats"]["unique_graphs"] == 1  # no stream compiled its own graph
     assert (eager.compiled, fast.compiled) == (False, True)
     assert fast.key == eager.key  # the kernel choice is provenance, not part of the key
     a, b = FeatureStore(tmp_path / "eager.h5"), FeatureStore(tmp_path / "fast.h5")

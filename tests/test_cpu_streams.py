@@ -1,0 +1,89 @@
+"""One decode + forward stream per core: every batch once, its own features, errors surface."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from featurepipe.cpu_streams import CoreStreams
+
+
+class NumberedImages:
+    """Image k is filled with the value k % 250; positions in ``bad`` fail with a reason."""
+
+    input_size = (4, 5)
+    fill_dtype = torch.uint8
+
+    def __init__(self, bad: frozenset[int] = frozenset(), boom: int | None = None) -> None:
+        self.bad, self.boom = bad, boom
+        self.threads: set[str] = set()
+
+    def decode_into(self, k: int, out: torch.Tensor) -> tuple[int, str]:
+        self.threads.add(threading.current_thread().name)
+        if k == self.boom:
+            raise RuntimeError(f"decoder crashed on {k}")
+        if k in self.bad:
+            out.zero_()
+            return 1000 + k, "truncated"
+        out.fill_(k % 250)
+        return 1000 + k, ""
+
+
+def first_pixel(x: torch.Tensor, reasons: list[str]) -> np.ndarray:
+    """Features of the images that decoded: their first pixel, as the engine's forward_good."""
+    assert x.shape[1:] == (3, 4, 5) and x.is_contiguous(memory_format=torch.channels_last)
+    good = [j for j, r in enumerate(reasons) if not r]
+    return x[good, 0, 0, :1].float().numpy()
+
+
+def test_every_batch_comes_back_once_with_its_own_features():
+    data = NumberedImages(bad=frozenset({3, 17}))
+    batches = [list(range(s, min(s + 4, 23))) for s in range(0, 23, 4)]
+    seen_init = []
+    got = list(CoreStreams(data, batches, first_pixel, streams=3,
+                           initializer=lambda: seen_init.append(threading.current_thread().name)))
+    assert sorted(idx[0] for idx, _, _ in got) == [1000 + b[0] for b in batches]
+    for idx, reasons, feats in got:
+        positions = [i - 1000 for i in idx]
+        assert reasons == ["truncated" if k in (3, 17) else "" for k in positions]
+        assert feats[:, 0].tolist() == [k for k in positions if k not in (3, 17)]
+    assert len(seen_init) == 3 and set(seen_init) == data.threads  # initializer in each stream
+
+
+def test_no_more_streams_than_batches_and_none_for_no_work():
+    data = NumberedImages()
+    assert len(list(CoreStreams(data, [[0, 1]], first_pixel, streams=8))) == 1
+    assert len(data.threads) == 1
+    assert list(CoreStreams(data, [], first_pixel, streams=8)) == []
+
+
+def test_a_stream_error_is_raised_in_the_consumer_and_every_stream_stops():
+    before = threading.active_count()
+    data = NumberedImages(boom=9)
+    batches = [list(range(s, s + 2)) for s in range(0, 40, 2)]
+    with pytest.raises(RuntimeError, match="decoder crashed on 9"):
+        list(CoreStreams(data, batches, first_pixel, streams=2))
+    assert threading.active_count() == before
+
+
+def test_closing_early_stops_the_streams_after_their_current_batch():
+    import time
+
+    before = threading.active_count()
+    data = NumberedImages()
+    decoded = []
+
+    def slow(x: torch.Tensor, reasons: list[str]) -> np.ndarray:
+        decoded.append(len(reasons))
+        time.sleep(0.005)
+        return first_pixel(x, reasons)
+
+    batches = [list(range(s, s + 2)) for s in range(0, 400, 2)]
+    it = iter(CoreStreams(data, batches, slow, streams=2))
+    next(it)
+    it.close()
+    assert threading.active_count() == before
+    assert len(decoded) < 10  # of 200 batches
