@@ -32,8 +32,9 @@ bf16); resnet50 (random weights) 64 -> 122.
 Compiled features differ from eager ones at the rounding level of the precision (bf16: min
 cosine 0.9998 between the two); the store key does not change (like the device, the kernel
 choice is provenance, recorded in the entry's ``compiled`` attribute). Batches are padded to the
-full batch size so one graph serves the whole run (the short last batch and batches with skipped
-files do not recompile). Any compile error falls back to eager with a
+compiled batch size, and larger ones run in chunks of it, so one graph serves the whole run (the
+short last batch and batches with skipped files do not recompile). On CPU the engine compiles for
+one stream per core (:mod:`featurepipe.cpu_streams`). Any compile error falls back to eager with a
 :class:`~featurepipe.exceptions.FeaturePipeWarning`: a long run never dies for an optimisation.
 """
 

@@ -737,7 +737,8 @@ def start_forward_good(model: Callable[[torch.Tensor], torch.Tensor], x: torch.T
 
 
 class _DecodeInThreads:
-    """Batches decoded by a thread pool in the main process, one batch at a time.
+    """Batches decoded by a thread pool in the main process, one batch at a time (eager CPU
+    runs; compiled ones run :class:`~featurepipe.cpu_streams.CoreStreams`).
 
     On a CPU the forward pass already uses every core, and decode worker processes fight it for
     them: each OpenMP region then waits for its slowest, preempted thread. The decoders and
