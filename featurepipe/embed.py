@@ -90,8 +90,10 @@ def release_free_heap() -> bool:
     An earlier fix pinned the mmap threshold instead, so every large buffer was a fresh mmap;
     that bounded memory but page-faulted on every batch and cost a quarter of the forward speed
     (149 -> 112 img/s compiled). A trim runs once per shard (~1,000 images): about 15 ms, plus
-    the freed pages faulting in again (with no trim, 2,048 photos embedded 1-2% faster); peak
-    RSS grew 27 MB from 2,000 to 20,000 images with it (``benchmarks/results/memory.md``).
+    the freed pages faulting in again (with no trim, 2,048 photos embedded 1-2% faster; with
+    one stream per core, 8,192 photos: 28 faults per image with it, none without, 224 against
+    226 img/s); peak RSS grew 45 MB from 2,000 to 20,000 images with it
+    (``benchmarks/results/memory.md``).
     """
     libc = _libc()
     if libc is None or not hasattr(libc, "malloc_trim"):
@@ -479,7 +481,7 @@ def embed(
     compile : {"auto", "on", "off"}
         ``torch.compile`` the extractor (see :mod:`featurepipe.compiling`). ``auto`` does on CPU
         under bf16 for runs of at least 6,000 images to compute (at 224 px; more at smaller
-        sizes): 109.0 -> 189.5 img/s end to end (lite0, 2 cores) after a 26 s cold compile.
+        sizes): 111.8 -> 208.1 img/s end to end (lite0, 2 cores) after a 23 s cold compile.
         ``on`` under fp32: about 2x the forward speed, features equal to eager within 1e-6.
     decoder : {"pil", "nvjpeg"}
         ``nvjpeg`` decodes JPEGs on the CUDA GPU in batches (:mod:`featurepipe.gpu_decode`;
