@@ -839,17 +839,21 @@ def _run_shards(job: EmbedJob, shards: list[tuple[str, list[int]]], writer: Stor
     module = prepare_model(job.backbone, dev)
     model: Callable[[torch.Tensor], torch.Tensor] = module
     compiled = None
-    if should_compile(compile_choice, dev, job.precision, len(flat),
-                      job.backbone.preprocess.input_size):
-        per_core = dev.type == "cpu" and workers is None
-        model = compiled = CompiledExtractor(module, STREAM_CHUNK if per_core else job.batch_size,
-                                             dev, job.precision, per_core=per_core)
-        if per_core:
-            compile_for_streams(compiled, job.backbone.preprocess.input_size, dev, job.precision)
     collector = ShardCollector(job, shards, writer)
-    bar = tqdm(total=len(flat), unit="img", disable=not progress, dynamic_ncols=True,
-               desc=f"embed {job.backbone.spec.name}")
+    desc = f"embed {job.backbone.spec.name}"
+    bar = tqdm(total=len(flat), unit="img", disable=not progress, dynamic_ncols=True, desc=desc)
     try:
+        if should_compile(compile_choice, dev, job.precision, len(flat),
+                          job.backbone.preprocess.input_size):
+            per_core = dev.type == "cpu" and workers is None
+            model = compiled = CompiledExtractor(
+                module, STREAM_CHUNK if per_core else job.batch_size, dev, job.precision,
+                per_core=per_core)
+            if per_core:
+                bar.set_description(f"{desc} (compiling, once)")
+                compile_for_streams(compiled, job.backbone.preprocess.input_size, dev,
+                                    job.precision)
+                bar.set_description(desc)
         if compiled is not None and compiled.per_core and compiled.active:
             streams = CoreStreams(
                 job.dataset(flat), _ShardBatchSampler(shards, job.batch_size),
