@@ -101,8 +101,8 @@ def compare(
     weights: str | None = None,
     image_size: int | None = None,
     layer: str | None = None,
-    heads: str | Sequence[str] = DEFAULT_HEADS,
-    classical: str | Sequence[str] = DEFAULT_CLASSICAL,
+    heads: str | Sequence[str] | None = DEFAULT_HEADS,
+    classical: str | Sequence[str] | None = DEFAULT_CLASSICAL,
     finetune: str | Sequence[str] | None = FINETUNE_STRATEGIES,
     finetune_epochs: int = 5,
     finetune_params: Mapping[str, Any] | None = None,
@@ -152,10 +152,12 @@ def compare(
         unknown name lists the known ones); default: the pooled penultimate layer.
         Intermediate layers often transfer better to images far from ImageNet. Fine-tuning
         always trains the whole network.
-    heads : str or sequence of str
-        Head presets (:data:`featurepipe.heads.HEAD_PRESETS`) trained on each backbone's features.
-    classical : str or sequence of str
-        From-scratch arms: ``pixels+logreg``, ``pixels+svm-rbf``, ``hog+linear-svm``.
+    heads : str, sequence of str or None
+        Head presets (:data:`featurepipe.heads.HEAD_PRESETS`) trained on each backbone's features
+        (``None`` or ``()``: no frozen arms).
+    classical : str, sequence of str or None
+        From-scratch arms: ``pixels+logreg``, ``pixels+svm-rbf``, ``hog+linear-svm`` (``None``
+        or ``()``: none).
     finetune : str, sequence of str or None, default=("head", "full")
         Fine-tuning strategies of the first backbone; ``None`` or ``()`` disables fine-tuning.
     finetune_epochs : int, default=5
