@@ -35,6 +35,12 @@ STREAM_CHUNK = 8
 Batch = tuple[list[int], list[str], np.ndarray]
 
 
+def empty_batch(n: int, input_size: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised ``(n, 3, H, W)`` batch laid out channels-last (the layout the forward
+    pass runs in), for decoders to write crops into."""
+    return torch.empty((n, *input_size, 3), dtype=dtype).permute(0, 3, 1, 2)
+
+
 class _Decodes(Protocol):
     input_size: tuple[int, int]
     fill_dtype: torch.dtype
@@ -93,14 +99,12 @@ class CoreStreams:
         try:
             if self.initializer is not None:
                 self.initializer()
-            height, width = self.dataset.input_size
             while not stop.is_set():
                 try:
                     batch = todo.get_nowait()
                 except queue.Empty:
                     break
-                x = torch.empty((len(batch), height, width, 3), dtype=self.dataset.fill_dtype)
-                x = x.permute(0, 3, 1, 2)
+                x = empty_batch(len(batch), self.dataset.input_size, self.dataset.fill_dtype)
                 done = [self.dataset.decode_into(k, x[j]) for j, k in enumerate(batch)]
                 reasons = [r for _, r in done]
                 results.put(([i for i, _ in done], reasons, self.embed(x, reasons)))

@@ -34,7 +34,7 @@ from featurepipe.backbones import (
 )
 from featurepipe.backbones._spec import ResizeCenterCrop
 from featurepipe.compiling import CompiledExtractor, check_choice, should_compile
-from featurepipe.cpu_streams import STREAM_CHUNK, CoreStreams
+from featurepipe.cpu_streams import STREAM_CHUNK, CoreStreams, empty_batch
 from featurepipe.decode import DecodePolicy
 from featurepipe.devices import (  # noqa: F401 - re-exported: engine callers use these names
     PRECISIONS,
@@ -762,13 +762,11 @@ class _DecodeInThreads:
         from concurrent.futures import ThreadPoolExecutor
 
         ds = self.dataset
-        height, width = ds.input_size
         with ThreadPoolExecutor(self.threads, thread_name_prefix="featurepipe-decode",
                                 initializer=run_ops_single_threaded) as pool:
             for batch in self.batches:
                 # Each thread writes its crops into the batch: no per-image tensor, no stack.
-                x = torch.empty((len(batch), height, width, 3), dtype=ds.fill_dtype)
-                x = x.permute(0, 3, 1, 2)
+                x = empty_batch(len(batch), ds.input_size, ds.fill_dtype)
                 todo: queue.SimpleQueue[int] = queue.SimpleQueue()
                 for j in range(len(batch)):
                     todo.put(j)
