@@ -94,7 +94,9 @@ def cmd_embed(args: argparse.Namespace) -> int:
     if not args.quiet or report.n_skipped:
         print(f"{report.store}: {report.n_rows} rows ({report.backbone}, key {report.key}); "
               f"computed {report.n_computed}, reused {report.n_reused}, "
-              f"dropped {report.n_dropped}, skipped {report.n_skipped} "
+              + (f"resumed {report.n_resumed} (from an interrupted run), "
+                 if report.n_resumed else "")
+              + f"dropped {report.n_dropped}, skipped {report.n_skipped} "
               f"in {report.seconds:.1f}s"
               + (f" ({report.images_per_second:.1f} img/s on {report.device}, {report.precision}"
                  + (", compiled" if report.compiled else "") + ")"

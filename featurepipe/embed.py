@@ -54,7 +54,12 @@ ON_ERROR = ("skip", "raise")
 
 @dataclass
 class EmbedReport:
-    """What one `embed` call did; printed by the CLI, returned to Python callers."""
+    """What one `embed` call did; printed by the CLI, returned to Python callers.
+
+    ``n_computed`` images were embedded by this call, ``n_reused`` rows copied from the
+    committed entry, and ``n_resumed`` images taken from the shards an interrupted run left on
+    disk (computed then, committed now).
+    """
 
     store: str
     key: str
@@ -72,6 +77,7 @@ class EmbedReport:
     precision: str = "fp32"
     compiled: bool = False
     compile_seconds: float = 0.0
+    n_resumed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -651,8 +657,8 @@ def run_embed(
                 if done.get(ids[i]) != fps[i]
                 and done_skipped.get(ids[i], ("", ""))[0] != fps[i]]
         size = shard_size or default_shard_size(batch_size)
-        shards = [(name, part) for name, part in plan_shards(todo, ids, fps, size)
-                  if not writer.shard_done(name)]
+        planned = plan_shards(todo, ids, fps, size)
+        shards = [(name, part) for name, part in planned if not writer.shard_done(name)]
         n_pending = sum(len(p) for _, p in shards)
         if n_pending:
             bb = loaded_backbone or load_backbone(desc.spec)
@@ -671,7 +677,7 @@ def run_embed(
         n_skipped=result.n_skipped, n_dropped=result.n_dropped,
         skipped=[(d["id"], d["reason"]) for d in info["skipped"]],
         seconds=seconds, images_per_second=n_pending / seconds if n_pending else 0.0,
-        device=str(device), precision=precision,
+        device=str(device), precision=precision, n_resumed=len(todo) - n_pending,
     )
 
 

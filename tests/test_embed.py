@@ -172,6 +172,7 @@ def test_sigkill_mid_run_then_rerun_equals_uninterrupted(tmp_path):
     out, err = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, err
     assert f"computed {61 - 8 * n_done_before}" in out  # finished shards were not recomputed
+    assert f"resumed {8 * n_done_before} (from an interrupted run)" in out
     ref = _run_embed_script(root, clean)
     out, err = ref.communicate(timeout=300)
     assert ref.returncode == 0, err

@@ -280,8 +280,9 @@ def test_killed_ray_run_resumes_without_recomputing(ray_cluster, tmp_path, one_t
     assert 8 <= done < n_total and not killed.exists()  # some shards, nothing committed
     rerun = embed_ray(root, killed, **_fp32(**ONE_WORKER))
     assert rerun.n_computed == n_total - done  # finished shards were not recomputed
+    assert (rerun.n_resumed, rerun.n_reused) == (done, 0)
     reference = embed_ray(root, clean, **_fp32(**ONE_WORKER))
-    assert reference.n_computed == n_total
+    assert (reference.n_computed, reference.n_resumed) == (n_total, 0)
 
     a, b = FeatureStore(killed).load(), FeatureStore(clean).load()
     assert a.ids == b.ids and a.skipped == b.skipped == [("b/zero.jpg", "empty file")]
