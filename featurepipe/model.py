@@ -12,7 +12,7 @@ Trust model
 ``.joblib`` files (the default) are pickles: **loading one runs code chosen by whoever wrote
 it**. Only load model files you made yourself or got from someone you trust, over a channel you
 trust. For files you cannot vouch for, save and share ``.skops`` files instead
-(``pip install 'featurepipe[skops]'``): :mod:`skops.io` rebuilds objects without pickle and
+(skops is installed with featurepipe): :mod:`skops.io` rebuilds objects without pickle and
 refuses any type not on a trusted list. :func:`load_model` trusts scikit-learn's defaults plus
 :data:`SKOPS_TRUSTED` (the head presets' own types) and names anything else it finds; pass
 ``trusted=[...]`` only after checking those names. All head presets round-trip through skops.
@@ -493,7 +493,8 @@ def _skops() -> Any:
         import skops.io as sio
     except ImportError as exc:
         raise MissingDependencyError(
-            "saving or loading .skops models needs skops: pip install 'featurepipe[skops]'"
+            "saving or loading .skops models needs skops (a featurepipe dependency): "
+            "pip install 'skops>=0.10'"
         ) from exc
     return sio
 
