@@ -108,10 +108,12 @@ def release_free_heap() -> bool:
     return True
 
 
-#: glibc ``mallopt`` parameters, and the threshold featurepipe sets on CPU (1 GiB: every
-#: activation of a batch comes from the heap).
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+#: glibc ``mallopt`` parameters, and the values featurepipe sets on CPU: a 1 GiB mmap and trim
+#: threshold (every activation of a batch comes from the heap and stays there), and a top pad
+#: of one whole per-thread heap (64 MiB, glibc's ``HEAP_MAX_SIZE`` on 64-bit).
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 _HEAP_THRESHOLD = 1 << 30
+_THREAD_HEAP_SIZE = 64 << 20
 
 
 @lru_cache(maxsize=1)
@@ -124,8 +126,19 @@ def keep_buffers_in_heap() -> bool:
     bf16, 2 cores), where the forward pass alone ran at 140 img/s; from the heap, with no page
     faults, at 221. Freed memory stays in the heap until the trim after each shard
     (:func:`release_free_heap`), which keeps peak RSS flat over long runs
-    (``benchmarks/results/memory.md``). Process-wide and not undone (glibc cannot restore its
-    adaptive threshold). ``FEATUREPIPE_MALLOC=default`` in the environment skips it.
+    (``benchmarks/results/memory.md``).
+
+    Threads other than the main one (the CPU streams, decode threads) allocate from arenas
+    made of 64 MiB heaps, and glibc unmaps such a heap as soon as all of it is free, whatever
+    the trim threshold; a stream whose activations straddle two heaps then faults the second
+    one in again on every call. It depended on the process's history: lite0 streams ran
+    some runs at 390-770 faults per image and a forward pass 8-15% slower, others at 22
+    (``benchmarks/stream_breakdown.py``); strace counted 96 heaps made in one 2,048-image
+    run. A top pad of a whole heap keeps them (5 heaps in the same run, 22-30 faults per
+    image in every run). It only reserves address space: pages are used when touched.
+
+    Process-wide and not undone (glibc cannot restore its adaptive threshold).
+    ``FEATUREPIPE_MALLOC=default`` in the environment skips it.
     """
     if os.environ.get("FEATUREPIPE_MALLOC", "").lower() == "default":
         return False
@@ -133,6 +146,7 @@ def keep_buffers_in_heap() -> bool:
     if libc is None or not hasattr(libc, "mallopt"):
         return False
     ok = libc.mallopt(_M_MMAP_THRESHOLD, _HEAP_THRESHOLD) == 1
+    ok = libc.mallopt(_M_TOP_PAD, _THREAD_HEAP_SIZE) == 1 and ok
     # Without this, freeing the heap's top buffer would hand it back (and fault it in again).
     return libc.mallopt(_M_TRIM_THRESHOLD, _HEAP_THRESHOLD) == 1 and ok
 
