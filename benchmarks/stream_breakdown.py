@@ -61,7 +61,8 @@ class StageClock:
             self.totals[f"{stage}_cpu"] += cpu1 - cpu0
             self.totals[f"{stage}_wall"] += wall1 - wall0
             self.totals[f"{stage}_faults"] += faults1 - faults0
-            self.images += stage == "decode"
+            if stage == "decode":
+                self.images += 1
         return result
 
 

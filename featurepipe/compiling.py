@@ -3,10 +3,10 @@
 Why: eager mode runs every operator as its own pass over memory and, under autocast, re-casts
 each weight on every call. Inductor fuses the element-wise tails into the convolutions' loops,
 and on a CPU ``freezing`` (below) folds and pre-packs the weights. Measured on efficientnet_lite0,
-224 px, batch 64, 8,192 500x375 JPEG files, bf16, 2 Sapphire Rapids cores: 111.8 img/s eager,
-208.1 img/s compiled once the one-off compile is done (23 s on a cold inductor cache, less when
+224 px, batch 64, 8,192 500x375 JPEG files, bf16, 2 Sapphire Rapids cores: 110.7 img/s eager,
+211.3 img/s compiled once the one-off compile is done (24 s on a cold inductor cache, less when
 inductor's on-disk cache already holds the graph; the compiled run goes one stream per core,
-:mod:`featurepipe.cpu_streams`); resnet50 59.7 -> 169.0
+:mod:`featurepipe.cpu_streams`); resnet50 57.1 -> 170.6
 (``benchmarks/results/throughput-cpu-8k.md``).
 
 On a CPU the graph is compiled with inductor's ``freezing``: BatchNorm folded into the
@@ -55,9 +55,9 @@ from featurepipe.exceptions import ConfigError, FeaturePipeWarning
 
 COMPILE_CHOICES = ("auto", "on", "off")
 #: ``auto`` compiles when at least this many 224x224 images' worth of pixels are to be computed
-#: (6,000 at 224 px, 33,000 at 96 px): at 111.8 -> 208.1 img/s end to end (lite0, bf16, 2 cores,
-#: ``throughput-cpu-8k.md``), a cold 23 s compile pays from about 5,600 images and a warm ~14 s
-#: one from about 3,400 (6,600 and 2,600 before compiled runs went one stream per core).
+#: (6,000 at 224 px, 33,000 at 96 px): at 110.7 -> 211.3 img/s end to end (lite0, bf16, 2 cores,
+#: ``throughput-cpu-8k.md``), a cold 24 s compile pays from about 5,600 images and a warm ~14 s
+#: one from about 3,300 (6,600 and 2,600 before compiled runs went one stream per core).
 AUTO_MIN_IMAGES = 6000
 
 

@@ -501,7 +501,7 @@ def embed(
     compile : {"auto", "on", "off"}
         ``torch.compile`` the extractor (see :mod:`featurepipe.compiling`). ``auto`` does on CPU
         under bf16 for runs of at least 6,000 images to compute (at 224 px; more at smaller
-        sizes): 111.8 -> 208.1 img/s end to end (lite0, 2 cores) after a 23 s cold compile.
+        sizes): 110.7 -> 211.3 img/s end to end (lite0, 2 cores) after a 24 s cold compile.
         ``on`` under fp32: about 2x the forward speed, features equal to eager within 1e-6.
     decoder : {"pil", "nvjpeg"}
         ``nvjpeg`` decodes JPEGs on the CUDA GPU in batches (:mod:`featurepipe.gpu_decode`;
