@@ -1,21 +1,15 @@
 """Compiled CPU embedding as one stream per core: each thread decodes a batch and embeds it alone.
 
 Why: a forward pass spread over every core loses time to its OpenMP barriers, and the decode
-phase between two forward passes wakes every core for ~50 ms of work. Independent streams, one
-per core, each single-threaded from file to feature, keep every core busy on its own batch.
-Measured on 2 Sapphire Rapids cores (lite0, bf16, compiled, 500x375 JPEGs):
-
-- forward pass alone: 243-251 img/s as one two-thread team (batch 16-64); 266-270 as two
-  single-threaded streams of 8 images a call (125 and 196 at 64 a call, where the activations
-  of two streams no longer fit the caches);
-- end to end: 218-230 img/s in streams against 187-203 with the two phases alternating over
-  both cores (:class:`featurepipe.embed._DecodeInThreads`).
+phase between two forward passes wakes every core for a short burst of work. Independent
+streams, one per core, each single-threaded from file to feature, keep every core busy on its
+own batch (measured in ``benchmarks/results/throughput-cpu-8k.md`` and
+``benchmarks/results/stream_breakdown-cpu.md``; see ``docs/performance.md``).
 
 The graph must be compiled for it (:class:`featurepipe.compiling.CompiledExtractor` with
 ``per_core=True``): kernels for one thread, and inductor's C++ wrapper, which runs the graph
-with the GIL released (with the Python wrapper two streams convoy on the GIL: 140 img/s).
-An eager forward pass holds the GIL between operators, so eager runs keep the alternating
-threads.
+with the GIL released (with the Python wrapper the streams convoy on the GIL). An eager forward
+pass holds the GIL between operators, so eager runs keep the alternating decode threads.
 """
 
 from __future__ import annotations
@@ -28,17 +22,15 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-#: Images per compiled call in a stream. Forward pass alone, two streams: 266-270 img/s at 8,
-#: 261-270 at 16, 202-205 at 32, 196 at 64.
+from featurepipe.embedding.pixels import empty_batch
+
+#: Images per compiled call in a stream: small enough that the activations of every stream stay
+#: in the caches (chosen by measurement, ``docs/performance.md``).
 STREAM_CHUNK = 8
 
+__all__ = ["STREAM_CHUNK", "Batch", "CoreStreams"]
+
 Batch = tuple[list[int], list[str], np.ndarray]
-
-
-def empty_batch(n: int, input_size: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised ``(n, 3, H, W)`` batch laid out channels-last (the layout the forward
-    pass runs in), for decoders to write crops into."""
-    return torch.empty((n, *input_size, 3), dtype=dtype).permute(0, 3, 1, 2)
 
 
 class _Decodes(Protocol):
@@ -54,7 +46,7 @@ class CoreStreams:
     Each thread takes the next batch of dataset positions, decodes it into its own uint8
     channels-last buffer (``dataset.decode_into``), and calls ``embed(x, reasons)`` for the
     features of the images that decoded. ``initializer`` runs first in each thread (the engine
-    passes :func:`featurepipe.embed.run_ops_single_threaded`). The first exception of any
+    passes :func:`featurepipe.embedding.memory.run_ops_single_threaded`). The first exception of any
     thread is raised here; closing the iterator early stops the threads after their current
     batch.
     """

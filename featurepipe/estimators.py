@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from collections import OrderedDict
@@ -20,13 +21,13 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
-import torch
 from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin, clone
 from sklearn.utils.validation import check_is_fitted
 
-import featurepipe.embed as _engine
-from featurepipe.backbones import Backbone, BackboneSpec, load_backbone, resolve_spec
+from featurepipe.backbones import Backbone, BackboneSpec, load_backbone
 from featurepipe.decode import DecodePolicy, check_image_array
+from featurepipe.devices import resolve_device, resolve_precision
+from featurepipe.embedding import EmbedOptions, embed_in_memory, resolve_backbone, run_embed
 from featurepipe.exceptions import (
     ConfigError,
     DecodeError,
@@ -34,8 +35,10 @@ from featurepipe.exceptions import (
     SpecMismatchError,
     StoreError,
 )
+from featurepipe.identity import differing_parts, entry_key, key_parts
+from featurepipe.records import SkippedFile
 from featurepipe.sources import ImageSource, Sample, open_source
-from featurepipe.store import FeatureStore, entry_key
+from featurepipe.store import FeatureStore
 
 __all__ = ["ImageEmbedder", "clear_caches", "drop_bad"]
 
@@ -252,23 +255,30 @@ class ImageEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         self : ImageEmbedder
         """
         _check_images(X)
-        _engine._validate(self.batch_size, self.dtype, self.on_error, self.workers)
+        self._options()  # validates batch_size, workers, dtype, on_error
         if self.cache is not None and not isinstance(self.cache, (str, os.PathLike)):
             raise ConfigError(f"cache must be a path to an HDF5 store or None; got "
                               f"{type(self.cache).__name__}")
         if not isinstance(self.progress, (bool, np.bool_)):
             raise ConfigError(f"progress must be True or False; got {self.progress!r}")
-        spec = resolve_spec(self.backbone, self.weights, self.layer, self.image_size)
+        spec = resolve_backbone(self.backbone, self.weights, self.layer, self.image_size)
         backbone = _shared_backbone(spec)
-        device = _engine.resolve_device(self.device)
-        self.precision_ = _engine.resolve_precision(self.precision, device)
+        device = resolve_device(self.device)
+        self.precision_ = resolve_precision(self.precision, device)
         self.backbone_spec_ = spec
         self.backbone_ = backbone
-        self.key_parts_ = _engine.key_parts(backbone, DecodePolicy(), self.precision_, self.dtype)
+        self.key_parts_ = key_parts(backbone, DecodePolicy(), self.precision_, self.dtype)
         self.key_ = entry_key(self.key_parts_)
         self.feature_dim_ = self.n_features_out_ = int(backbone.feature_dim)
-        self.skipped_: list[tuple[str, str]] = []
+        self.skipped_: list[SkippedFile] = []
         return self
+
+    def _options(self) -> EmbedOptions:
+        """The engine settings of this embedder (in memory: eager, never compiled)."""
+        return EmbedOptions(batch_size=self.batch_size, workers=self.workers, device=self.device,
+                            precision=self.precision, compile="off", dtype=self.dtype,
+                            on_error=self.on_error,
+                            progress=bool(self.progress))
 
     @property
     def _n_features_out(self) -> int:
@@ -294,8 +304,8 @@ class ImageEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         DecodeError
             ``on_error="raise"`` and some images cannot be decoded (all are named).
         """
-        features, bad, _ = self._embed(X)
-        self.skipped_ = [(id_, reason) for _, id_, reason in bad]
+        features, bad, _ = self.embed_positions(X)
+        self.skipped_ = [SkippedFile(id_, reason) for _, id_, reason in bad]
         if bad and self.on_error == "raise":
             raise DecodeError(bad[0][1], bad[0][2] + _more(bad[1:]) +
                               "; fix or remove them, or use on_error='skip'")
@@ -313,13 +323,17 @@ class ImageEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         An unfitted embedder works on a fitted clone (it shares this process's cache).
         """
         est = self if hasattr(self, "key_") else clone(self).fit(X)
-        features, bad, _ = est._embed(X)
+        features, bad, _ = est.embed_positions(X)
         mask = np.ones(len(features), dtype=bool)
         mask[[pos for pos, _, _ in bad]] = False
         return mask
 
-    def _embed(self, X: Any) -> tuple[np.ndarray, list[tuple[int, str, str]], list[str]]:
-        """Features for every position of X, (position, id, reason) of bad images, and ids."""
+    def embed_positions(self, X: Any) -> tuple[np.ndarray, list[tuple[int, str, str]], list[str]]:
+        """Features for every position of X, (position, id, reason) of bad images, and ids.
+
+        What :meth:`transform` computes, without its warning or error for bad images (callers
+        such as :class:`~featurepipe.model.ImageClassifier` report them their own way).
+        """
         check_is_fitted(self, "key_")
         _check_images(X)
         src, fps, inverse = _keyed_source(X)
@@ -349,8 +363,8 @@ class ImageEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         backbone = self.__dict__.get("backbone_")
         if backbone is None:
             backbone = _shared_backbone(self.backbone_spec_)
-            now = _engine.key_parts(backbone, DecodePolicy(), self.precision_, self.dtype)
-            differs = [k for k, v in now.items() if v != self.key_parts_.get(k)]
+            now = key_parts(backbone, DecodePolicy(), self.precision_, self.dtype)
+            differs = differing_parts(now, self.key_parts_)
             if differs:
                 raise SpecMismatchError(
                     f"backbone {self.backbone_spec_.name} now loads differently from when this "
@@ -365,36 +379,9 @@ class ImageEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
 
     def _compute(self, src: ImageSource) -> list[np.ndarray | str]:
         """Embed every image of ``src`` in memory: a feature row, or why it failed."""
-        from tqdm.auto import tqdm
-
-        backbone = self._loaded()
-        device = _engine.resolve_device(self.device)
-        pre, policy = backbone.preprocess, DecodePolicy()
-        # uint8 crops normalised inside the model: the engine's path, bit-equal to eval_transform.
-        dataset = _engine._SourceDataset(
-            src, range(len(src)), pre.decode_transform(), policy, pre.input_size,
-            pre.resize_size if policy.reduce_on_load else None, fill_dtype=torch.uint8)
-        batches = [list(range(s, min(s + self.batch_size, len(src))))
-                   for s in range(0, len(src), self.batch_size)]
-        if device.type == "cpu":
-            _engine.keep_buffers_in_heap()
-        loader = _engine.batch_loader(dataset, batches, device, self.workers)
-        model = _engine.prepare_model(backbone, device)
-        values: list[np.ndarray | str] = [""] * len(src)
-        with tqdm(total=len(src), unit="img", disable=not self.progress,
-                  desc=f"embed {backbone.spec.name}") as bar:
-            for idx, x, reasons in loader:
-                good = [k for k, r in enumerate(reasons) if not r]
-                if good:
-                    out = _engine.forward_features(model, x[good], device, self.precision_)
-                    for row, k in zip(self._rounded(out.numpy()), good, strict=True):
-                        values[idx[k]] = row
-                for k, reason in enumerate(reasons):
-                    if reason:
-                        values[idx[k]] = reason
-                bar.update(len(idx))
-        _engine.release_free_heap()
-        return values
+        values = embed_in_memory(src, self._loaded(), self._options(),
+                                 device=resolve_device(self.device), precision=self.precision_)
+        return [v if isinstance(v, str) else self._rounded(v) for v in values]
 
     def _from_store(self, store: FeatureStore, src: ImageSource, fps: list[str]
                     ) -> list[np.ndarray | str]:
@@ -407,11 +394,11 @@ class ImageEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
             classes = store.info(self.key_)["classes"] if known else []
             part = src.subset(need)
             part.class_names = list(classes)  # keep a labelled store's class names
-            report = _engine.embed(
-                part, store, self.backbone_spec_, batch_size=self.batch_size,
-                workers=self.workers, device=self.device, precision=self.precision_,
-                dtype=self.dtype, on_error="skip", drop_missing=False, progress=self.progress,
-                loaded_backbone=self._loaded())
+            options = dataclasses.replace(self._options(), on_error="skip", drop_missing=False,
+                                          compile="auto")
+            report = run_embed(part, store, self.backbone_spec_, options,
+                               device=resolve_device(self.device), precision=self.precision_,
+                               loaded_backbone=self._loaded())
             if report.key != self.key_:
                 raise SpecMismatchError(f"{self.cache}: features went to entry {report.key}, "
                                         f"expected {self.key_}; fit the embedder again")

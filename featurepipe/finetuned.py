@@ -16,8 +16,10 @@ from typing import Any
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 
-from featurepipe.backbones import EXPORT_CONFIG_NAME, load_backbone, resolve_spec
+from featurepipe.backbones import EXPORT_CONFIG_NAME, BackboneSpec, load_backbone, resolve_spec
 from featurepipe.exceptions import ConfigError
+
+__all__ = ["LinearHead", "export_dir", "final_linear", "load_finetuned"]
 
 
 class LinearHead(ClassifierMixin, BaseEstimator):
@@ -75,7 +77,7 @@ def final_linear(backbone: Any) -> Any:
     if backbone.family == "timm":
         layer = model.get_classifier()
     else:
-        from featurepipe.backbones._classifier import torchvision_head_path
+        from featurepipe.backbones import torchvision_head_path
 
         layer = model.get_submodule(torchvision_head_path(model))
     if not isinstance(layer, nn.Linear):
@@ -84,10 +86,10 @@ def final_linear(backbone: Any) -> Any:
     return layer
 
 
-def load_finetuned(path: str | os.PathLike, **embed_options: Any) -> Any:
-    """An :class:`~featurepipe.model.ImageClassifier` over a fine-tuned export folder."""
-    from featurepipe.model import ImageClassifier
-
+def load_finetuned(path: str | os.PathLike) -> tuple[LinearHead, BackboneSpec, list[str]]:
+    """The head, backbone spec and class names of a fine-tuned export folder, ready for
+    :class:`~featurepipe.model.ImageClassifier` (which :func:`featurepipe.model.load_model`
+    builds from them)."""
     folder = export_dir(path)
     spec = resolve_spec(str(folder))
     backbone = load_backbone(spec)
@@ -97,4 +99,4 @@ def load_finetuned(path: str | os.PathLike, **embed_options: Any) -> Any:
                       layer.bias.detach().cpu().numpy().astype(np.float32)
                       if layer.bias is not None else np.zeros(layer.out_features, np.float32),
                       np.arange(len(names)))
-    return ImageClassifier(head, spec, names, **embed_options)
+    return head, spec, names

@@ -156,7 +156,7 @@ class GPUDecodeLoader:
     def __init__(self, dataset: Any, indices: Sequence[int], paths: Sequence[str] | None,
                  batches: Iterable[list[int]], preprocess: Any, max_pixels: int,
                  device: torch.device, workers: int = 8) -> None:
-        from featurepipe.backbones._spec import ResizeCenterCrop
+        from featurepipe.backbones import ResizeCenterCrop
 
         self.dataset, self.indices, self.paths = dataset, list(indices), paths
         self.batches = batches

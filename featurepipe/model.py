@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ import numpy as np
 from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
 
+from featurepipe.atomic import atomic_path
 from featurepipe.backbones import BackboneSpec
 from featurepipe.exceptions import (
     ConfigError,
@@ -40,6 +40,15 @@ from featurepipe.exceptions import (
     MissingDependencyError,
     SpecMismatchError,
 )
+from featurepipe.identity import (
+    KEY_PART_NAMES,
+    SPEC_PARTS,
+    canonical,
+    check_same_spec,
+    differing_parts,
+    key_parts_from_attrs,
+    library_versions,
+)
 
 __all__ = ["KEY_PART_NAMES", "SKOPS_TRUSTED", "SPEC_PARTS", "Embedded", "ImageClassifier",
            "check_same_spec", "classification_metrics", "key_parts_from_attrs", "load_model",
@@ -47,11 +56,6 @@ __all__ = ["KEY_PART_NAMES", "SKOPS_TRUSTED", "SPEC_PARTS", "Embedded", "ImageCl
 
 MODEL_FORMAT = "featurepipe-model"
 MODEL_FORMAT_VERSION = 1
-#: Key parts that change what a feature *means*; a head only accepts features that agree on all.
-SPEC_PARTS = ("backbone", "spec", "weights_sha256", "layer", "preprocess", "decode_policy",
-              "feature_format_version")
-#: All key parts; ``dtype`` and ``precision`` only round the same features differently.
-KEY_PART_NAMES = (*SPEC_PARTS, "dtype", "precision")
 #: Versions compared on load (a difference warns).
 CHECKED_PACKAGES = ("featurepipe", "scikit-learn", "numpy", "torch", "torchvision", "timm")
 #: Types beyond skops' defaults that the head presets need (all plain data holders).
@@ -66,45 +70,9 @@ SKOPS_TRUSTED = (
 # --------------------------------------------------------------------------- spec comparison
 
 
-def key_parts_from_attrs(attrs: Mapping[str, Any]) -> dict[str, Any]:
-    """The key parts of a feature-store entry, from its attributes (``FeatureStore.attrs``)."""
-    return {name: attrs.get(name) for name in KEY_PART_NAMES}
-
-
-def _canonical(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, default=str)
-
-
-def check_same_spec(expected: Mapping[str, Any], actual: Mapping[str, Any], what: str) -> None:
-    """Raise SpecMismatchError naming every spec part where ``actual`` differs from ``expected``.
-
-    Parameters
-    ----------
-    expected : mapping
-        Key parts the head was trained on.
-    actual : mapping
-        Key parts of the features offered.
-    what : str
-        Names the features in the message, e.g. ``"test store b.h5"``.
-    """
-    differs = spec_differences(expected, actual)
-    if differs:
-        detail = "; ".join(f"{name}: {_short(expected.get(name))} vs {_short(actual.get(name))}"
-                           for name in differs)
-        raise SpecMismatchError(
-            f"{what} were made with another spec than the model's ({detail}); re-embed them "
-            f"with backbone {_short(expected.get('spec'))}")
-
-
 def spec_differences(expected: Mapping[str, Any], actual: Mapping[str, Any]) -> list[str]:
     """Names of the :data:`SPEC_PARTS` on which two sets of key parts disagree."""
-    return [name for name in SPEC_PARTS
-            if _canonical(expected.get(name)) != _canonical(actual.get(name))]
-
-
-def _short(value: Any, limit: int = 80) -> str:
-    text = _canonical(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return differing_parts(expected, actual, SPEC_PARTS)
 
 
 # --------------------------------------------------------------------------- metrics
@@ -229,7 +197,7 @@ class ImageClassifier:
                 check_same_spec(self.key_parts, embedder.key_parts_,
                                 f"features of backbone {spec.name} as loaded now")
             self._embedder = embedder
-        features, bad, ids = self._embedder._embed(X)
+        features, bad, ids = self._embedder.embed_positions(X)
         valid = np.ones(len(features), dtype=bool)
         valid[[pos for pos, _, _ in bad]] = False
         return Embedded(features, ids, valid, bad)
@@ -377,8 +345,6 @@ def save_model(path: str | os.PathLike, head: BaseEstimator,
     str
         The path written (atomically: a crash leaves the old file or none).
     """
-    from featurepipe.embed import library_versions
-
     check_is_fitted(head)
     spec = backbone_spec if isinstance(backbone_spec, BackboneSpec) else (
         BackboneSpec.from_dict(backbone_spec) if isinstance(backbone_spec, Mapping)
@@ -392,26 +358,20 @@ def save_model(path: str | os.PathLike, head: BaseEstimator,
     payload = {
         "format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION,
         "head": head, "backbone_spec": spec.to_dict(), "class_names": names,
-        "store_key": store_key, "key_parts": json.loads(_canonical(dict(key_parts))),
+        "store_key": store_key, "key_parts": json.loads(canonical(dict(key_parts))),
         "metrics": json.loads(json.dumps(metrics, default=_jsonable)) if metrics else None,
         "versions": library_versions(),
     }
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         if path.endswith(".skops"):
             _skops().dump(payload, tmp)
         else:
             import joblib
 
             joblib.dump(payload, tmp, compress=3)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 
@@ -442,7 +402,8 @@ def load_model(path: str | os.PathLike, *, trusted: Sequence[str] = (),
     if os.path.isdir(path):  # `featurepipe finetune --out DIR` output, or its model/ export
         from featurepipe.finetuned import load_finetuned
 
-        return load_finetuned(path, **embed_options)
+        head, spec, names = load_finetuned(path)
+        return ImageClassifier(head, spec, names, **embed_options)
     if not os.path.isfile(path):
         raise ConfigError(f"no model file at {path}; write one with `featurepipe fit ... --out`")
     try:
@@ -477,8 +438,6 @@ def load_model(path: str | os.PathLike, *, trusted: Sequence[str] = (),
 
 
 def _warn_versions(path: str, saved: Mapping[str, str]) -> None:
-    from featurepipe.embed import library_versions
-
     now = library_versions()
     for package in CHECKED_PACKAGES:
         if package in saved and saved[package] != now.get(package):

@@ -14,11 +14,9 @@ nothing but failures on filesystems without ``flock`` (NFS, some container mount
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
-import secrets
 import shutil
 import zipfile
 from array import array
@@ -28,14 +26,15 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import filelock
 import h5py
 import numpy as np
 
-import featurepipe
+from featurepipe.atomic import TEMP_NAME_PATTERN, atomic_write, fsync_dir, temp_name
 from featurepipe.exceptions import ConfigError, StoreError, StoreLockedError
+from featurepipe.identity import FEATURE_FORMAT_VERSION, entry_key, featurepipe_version
 
 __all__ = [
     "FEATURE_FORMAT_VERSION",
@@ -48,10 +47,6 @@ __all__ = [
     "entry_key",
 ]
 
-#: Bumped when the same image and spec give other feature values: 2 = the resize computes only
-#: the centre crop (``ResizeCenterCrop``), 1-level pixel differences from version 1; 3 = the
-#: resize is torch's native uint8 kernel on tensors instead of Pillow's (a few levels).
-FEATURE_FORMAT_VERSION: int = 3
 STORE_FORMAT_VERSION: int = 1
 
 _STR = h5py.string_dtype("utf-8")
@@ -60,34 +55,8 @@ _WRITE_BLOCK = 1024  # rows per output block in commit
 _READ_BLOCK = 4096  # sorted rows per fancy read
 _SHARD_CACHE = 2  # shards held in memory while merging
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}$")
-_TMP_SUFFIX_RE = r"\.tmp-\d+-[0-9a-f]+"
+_TMP_SUFFIX_RE = TEMP_NAME_PATTERN
 _JSON_ATTRS = "json_attrs"  # entry attribute listing which attributes hold JSON text
-
-
-def entry_key(parts: Mapping[str, Any]) -> str:
-    """Hash the parts that change a feature into a short, stable entry key.
-
-    Parameters
-    ----------
-    parts : mapping
-        JSON-able description (backbone spec, weights hash, preprocessing, decode policy,
-        dtype, precision, feature-format version ...).
-
-    Returns
-    -------
-    str
-        First 16 hex digits of the sha256 of the canonical JSON (sorted keys, no spaces).
-
-    Examples
-    --------
-    >>> entry_key({"b": 1, "a": [1, 2]}) == entry_key({"a": (1, 2), "b": 1})
-    True
-    """
-    try:
-        text = json.dumps(dict(parts), sort_keys=True, separators=(",", ":"))
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"entry key parts must be JSON-serialisable: {exc}") from exc
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 @dataclass
@@ -146,42 +115,12 @@ def _check_name(what: str, name: str) -> str:
     return name
 
 
-def _fsync_dir(path: Path) -> None:
-    """Make a rename durable; directories cannot be opened for fsync on Windows."""
-    if os.name == "nt":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDWR)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f"{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-
-
-def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write via a temp file + fsync + ``os.replace``: readers see the old or the new file."""
-    tmp = _tmp_name(path)
-    try:
-        with open(tmp, "xb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 def _encode_attrs(attrs: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
@@ -1002,7 +941,7 @@ class StoreWriter:
             "skipped_reasons": np.array([s[2] for s in skips], dtype=str),
         }
         self.parts_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write(self.parts_dir / f"{name}.npz", lambda fh: np.savez(fh, **arrays))
+        atomic_write(self.parts_dir / f"{name}.npz", lambda fh: np.savez(fh, **arrays))
 
     def discard_parts(self) -> None:
         """Delete this key's uncommitted shards (and the parts folder once empty)."""
@@ -1102,13 +1041,13 @@ class StoreWriter:
     ) -> None:
         """Write a complete new file beside the old one, fsync it, then ``os.replace`` it."""
         path = self.store.path
-        tmp = _tmp_name(path)
+        tmp = temp_name(path)
         try:
             with h5py.File(tmp, "w-", locking=False) as dst:
                 if src is not None:
                     _copy_store(src, dst, keep)
                 dst.attrs["featurepipe_store_version"] = STORE_FORMAT_VERSION
-                dst.attrs["featurepipe_version"] = featurepipe.__version__
+                dst.attrs["featurepipe_version"] = featurepipe_version()
                 group = dst.require_group("entries").create_group(self.key)
                 dim = self._output_dim(plan, shards, old)
                 _write_features(group, plan, dim, self.dtype, old_ds, shards.paths)
@@ -1120,7 +1059,7 @@ class StoreWriter:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
 
     def _output_dim(self, plan: _Plan, shards: _Shards, old: _Entry | None) -> int:
         """Feature width: from the rows used; from attrs["dim"] when there are no rows."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 import time
 
-import featurepipe.embed as engine
+import featurepipe.embedding.forward as engine
 from featurepipe.cli import main
 
 root, store, slow = sys.argv[1], sys.argv[2], float(sys.argv[3])

@@ -225,7 +225,9 @@ def test_copied_store_is_reused(tmp_path):
     assert embed(root, tmp_path / "t.h5", **_fp32()).n_computed == 0
 
 
-def test_cached_rerun_never_builds_the_network(tmp_path, monkeypatch):
+def test_cached_rerun_never_builds_the_network(tmp_path):
+    from featurepipe.embedding import EmbedOptions, resolve_backbone, run_embed
+
     root = tmp_path / "photos"
     write_good_images(root / "a", 3, seed=1)
     write_good_images(root / "b", 3, seed=2)
@@ -234,25 +236,39 @@ def test_cached_rerun_never_builds_the_network(tmp_path, monkeypatch):
     def refuse(*_a, **_k):
         raise AssertionError("a cached rerun must not load the backbone")
 
-    monkeypatch.setattr("featurepipe.embed.load_backbone", refuse)
-    again = embed(root, tmp_path / "s.h5", **_fp32())
+    opts = _fp32()
+    spec = resolve_backbone(opts.pop("backbone"), opts.pop("weights"), None,
+                            opts.pop("image_size"))
+    again = run_embed(root, tmp_path / "s.h5", spec, EmbedOptions(**opts), load=refuse)
     assert (again.key, again.n_computed, again.n_rows) == (first.key, 0, 6)
 
 
 @pytest.mark.skipif(sys.platform != "linux",
                     reason="malloc_trim is glibc's; other platforms keep their allocator")
-def test_free_heap_is_handed_back_after_every_shard(tmp_path, monkeypatch):
-    import featurepipe.embed as engine
+def test_free_heap_is_handed_back_after_every_shard():
+    from featurepipe.embedding.memory import release_free_heap
+    from featurepipe.embedding.plan import make_plan
+    from featurepipe.embedding.sink import ShardSink
 
-    assert engine.release_free_heap() is True  # glibc has malloc_trim
-    calls = []
-    real = engine.release_free_heap
-    monkeypatch.setattr(engine, "release_free_heap", lambda: calls.append(1) or real())
-    root = tmp_path / "imgs"
-    write_good_images(root, 7, seed=3)
-    report = embed(root, tmp_path / "s.h5", **_fp32(batch_size=2, shard_size=2))
-    assert report.n_computed == 7
-    assert len(calls) == 4  # shards of 2, 2, 2, 1
+    assert release_free_heap() is True  # glibc has malloc_trim
+    ids = [f"img{i}" for i in range(7)]
+    fps = ["fp"] * 7
+    plan = make_plan(ids, fps, {}, {}, batch_size=2, shard_size=2)
+    written, trims = [], []
+
+    class Writer:
+        def write_shard(self, name, ids, fps, features, skipped=()):
+            written.append((name, list(ids)))
+
+    sink = ShardSink(plan.pending, Writer(), ids, fps, dim=3, dtype="float32",
+                     after_shard=lambda: trims.append(len(written)))
+    assert sink.after_shard is not release_free_heap
+    assert ShardSink(plan.pending, Writer(), ids, fps, 3, "float32").after_shard \
+        is release_free_heap  # the default
+    for batch in reversed(plan.batches()):  # any order: shards are written when complete
+        sink.add(batch, [""] * len(batch), np.ones((len(batch), 3), np.float32))
+    assert [len(w[1]) for w in written] == [1, 2, 2, 2]  # shards of 2, 2, 2, 1, last first
+    assert trims == [1, 2, 3, 4] and not sink.pending
 
 
 def test_decode_threads_match_worker_processes_bit_for_bit(mixed_folder, tmp_path):
@@ -271,7 +287,8 @@ def test_uint8_batches_are_normalised_like_eval_transform_exactly(mixed_folder):
     """Workers ship uint8 crops; NormalizedInput must rebuild eval_transform's floats exactly."""
     import torch
 
-    from featurepipe.embed import NormalizedInput, _collate
+    from featurepipe.embedding.forward import NormalizedInput
+    from featurepipe.embedding.pixels import collate as _collate
 
     root, expected = mixed_folder
     src = open_source(root)
@@ -346,7 +363,7 @@ def test_decode_threads_write_each_crop_into_its_batch_slot(mixed_folder):
     import torch
 
     from featurepipe.decode import DecodePolicy
-    from featurepipe.embed import _SourceDataset
+    from featurepipe.embedding.pixels import Pixels
 
     root, _ = mixed_folder
     src = open_source(root)
@@ -354,8 +371,8 @@ def test_decode_threads_write_each_crop_into_its_batch_slot(mixed_folder):
                                      image_size=32)).preprocess
     for transform, dtype in ((pre.decode_transform(), torch.uint8),
                              (pre.eval_transform(), torch.float32)):
-        ds = _SourceDataset(src, range(len(src)), transform, DecodePolicy(), pre.input_size,
-                            pre.resize_size, fill_dtype=dtype)
+        ds = Pixels(src, transform, DecodePolicy(), pre.input_size, pre.resize_size,
+                    fill_dtype=dtype)
         batch = torch.full((len(src), *pre.input_size, 3), 7, dtype=dtype).permute(0, 3, 1, 2)
         for k in range(len(src)):
             i, reason = ds.decode_into(k, batch[k])
@@ -371,7 +388,8 @@ def test_decode_threads_run_torch_ops_on_their_own_thread(mixed_folder):
     import torch
 
     from featurepipe.decode import DecodePolicy
-    from featurepipe.embed import _DecodeInThreads, _SourceDataset
+    from featurepipe.embedding.pixels import Pixels
+    from featurepipe.embedding.runners.threads import DecodeInThreads
 
     root, _ = mixed_folder
     src = open_source(root)
@@ -387,9 +405,9 @@ def test_decode_threads_run_torch_ops_on_their_own_thread(mixed_folder):
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        ds = _SourceDataset(src, range(len(src)), counting, DecodePolicy(), pre.input_size,
-                            pre.resize_size, fill_dtype=torch.uint8)
-        batches = list(_DecodeInThreads(ds, [[0, 1, 2], [3, 4, 5]], threads=2))
+        ds = Pixels(src, counting, DecodePolicy(), pre.input_size, pre.resize_size,
+                    fill_dtype=torch.uint8)
+        batches = list(DecodeInThreads(ds, [[0, 1, 2], [3, 4, 5]], threads=2))
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)

@@ -300,13 +300,13 @@ def test_sigkill_during_checkpoint_write_leaves_previous_checkpoint(
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait(timeout=60)
-    assert list(ckpt_dir.glob(".checkpoint.pt.*.tmp"))  # the torn temp file is there ...
+    assert list(ckpt_dir.glob("checkpoint.pt.tmp-*"))  # the torn temp file is there ...
     ckpt = load_checkpoint(ckpt_dir / "checkpoint.pt")  # ... but the checkpoint is intact
     assert ckpt["trainer"]["epoch"] == 1
     X, y = red_blue()
     resumed = FineTuneClassifier(**params, checkpoint_dir=ckpt_dir, resume=True).fit(X, y)
     assert [r["epoch"] for r in resumed.history_] == [1, 2]
-    assert not list(ckpt_dir.glob(".checkpoint.pt.*.tmp"))
+    assert not list(ckpt_dir.glob("checkpoint.pt.tmp-*"))
 
 
 def _spawn(data_npz: Path, ckpt_dir: Path, params: dict, mode: str) -> subprocess.Popen:

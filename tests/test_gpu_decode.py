@@ -88,7 +88,7 @@ def test_grouped_resize_equals_one_image_at_a_time():
 def _loader(root, batch: int = 4, workers: int = 0):
     from featurepipe.backbones import PreprocessSpec
     from featurepipe.decode import DecodePolicy
-    from featurepipe.embed import _SourceDataset
+    from featurepipe.embedding.pixels import Pixels
     from featurepipe.gpu_decode import GPUDecodeLoader
     from featurepipe.sources import open_source
 
@@ -96,8 +96,8 @@ def _loader(root, batch: int = 4, workers: int = 0):
     source = open_source(root)
     flat = list(range(len(source)))
     policy = DecodePolicy()
-    dataset = _SourceDataset(source, flat, pre.decode_transform(), policy, pre.input_size,
-                             pre.resize_size, fill_dtype=torch.uint8)
+    dataset = Pixels(source, pre.decode_transform(), policy, pre.input_size, pre.resize_size,
+                     fill_dtype=torch.uint8)
     batches = [flat[s:s + batch] for s in range(0, len(flat), batch)]
     loader = GPUDecodeLoader(dataset, flat, source.paths, batches, pre, policy.max_pixels,
                              torch.device("cpu"), workers=workers)

@@ -123,19 +123,19 @@ def test_worker_with_other_weights_reports_a_clear_error(ray_cluster, tmp_path):
     (sent back as data: Ray would only keep the text of an exception raised in __init__)."""
     from featurepipe.backbones import load_backbone, resolve_spec
     from featurepipe.decode import DecodePolicy
-    from featurepipe.engines.ray import _EmbedWorker, _worker_error, _WorkerConfig
+    from featurepipe.embedding.runners.ray import EmbedWorker, WorkerConfig, worker_error
     from featurepipe.exceptions import BackboneError
     from featurepipe.sources import open_source
 
     write_good_images(tmp_path / "p" / "a", 2, seed=1)
     bb = load_backbone(resolve_spec(TINY["backbone"], weights="random", image_size=32))
-    config = _WorkerConfig(
+    config = WorkerConfig(
         source_ref=[ray_cluster.put(open_source(tmp_path / "p"))], spec=bb.spec,
         weights_sha256="not-the-drivers", preprocess=bb.preprocess.to_dict(),
         policy=DecodePolicy(), device="cpu", precision="fp32", dtype="float32", batch_size=4,
         threads=1, dim=bb.feature_dim)
-    out = _EmbedWorker(config)({"indices": [np.array([0, 1])]})
-    error = _worker_error(str(out["error"][0]))
+    out = EmbedWorker(config)({"indices": [np.array([0, 1])]})
+    error = worker_error(str(out["error"][0]))
     assert isinstance(error, BackboneError) and "other weights" in str(error)
     assert out["feature"].shape == (1, bb.feature_dim)
 
@@ -201,7 +201,7 @@ _KILLED_DRIVER = textwrap.dedent("""
     import ray
 
     def slow_down():
-        import featurepipe.embed as engine
+        import featurepipe.embedding.forward as engine
         real = engine.start_forward
 
         def slow(*args, **kwargs):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from featurepipe.backbones._build import file_sha256
 from featurepipe.backbones._catalog import list_backbones
-from featurepipe.backbones._classifier import reset_classifier
+from featurepipe.backbones._classifier import reset_classifier, torchvision_head_path
 from featurepipe.backbones._describe import BackboneDescription, describe_backbone
 from featurepipe.backbones._export import export_finetuned
 from featurepipe.backbones._extract import layer_names, pool_features
@@ -24,6 +24,7 @@ from featurepipe.backbones._spec import (
     OFFLINE_DEFAULT,
     BackboneSpec,
     PreprocessSpec,
+    ResizeCenterCrop,
     resolve_spec,
 )
 
@@ -36,6 +37,7 @@ __all__ = [
     "BackboneDescription",
     "BackboneSpec",
     "PreprocessSpec",
+    "ResizeCenterCrop",
     "describe_backbone",
     "export_finetuned",
     "file_sha256",
@@ -45,4 +47,5 @@ __all__ = [
     "pool_features",
     "reset_classifier",
     "resolve_spec",
+    "torchvision_head_path",
 ]

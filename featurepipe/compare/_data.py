@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from featurepipe.atomic import atomic_write_text
 from featurepipe.exceptions import ConfigError
 from featurepipe.sources import ImageSource
 
@@ -135,9 +136,7 @@ class EmbedLog:
                 "images_per_second": report.images_per_second, "device": report.device,
                 "precision": report.precision,
             }
-            tmp = self.path.with_name(".embed_log.json.tmp")
-            tmp.write_text(json.dumps(self.data, indent=2))
-            os.replace(tmp, self.path)
+            atomic_write_text(self.path, json.dumps(self.data, indent=2))
         return self.data.get(key, {})
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from featurepipe.atomic import atomic_write_text
 from featurepipe.report import markdown_table, new_figure, save_figure
 
 TABLE_COLUMNS = ("arm", "accuracy", "macro_f1", "n_train", "train_seconds", "fit_seconds",
@@ -22,9 +23,7 @@ def write_json(obj: Any, path: str | os.PathLike) -> Path:
     """Indented JSON, written to a temporary name and renamed (never half a file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=_jsonable) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=2, default=_jsonable) + "\n")
     return path
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from featurepipe.atomic import atomic_write
 from featurepipe.decode import DecodePolicy
 from featurepipe.exceptions import ConfigError, DecodeError
 from featurepipe.sources import ImageSource
@@ -167,10 +168,9 @@ def pixel_features(source: ImageSource, indices: Sequence[int], spec: PixelSpec,
 
 def _save(path: Path, r: PixelFeatures) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.npz")
-    np.savez(tmp, indices=r.indices, pixels=r.pixels,
-             hog=r.hog if r.hog is not None else np.zeros((0, 1), np.float32),
-             bad_idx=np.asarray(list(r.bad), dtype=np.int64),
-             bad_reason=np.asarray(list(r.bad.values()), dtype=str), mode=r.mode,
-             seconds=r.seconds)
-    os.replace(tmp, path)
+    atomic_write(path, lambda fh: np.savez(
+        fh, indices=r.indices, pixels=r.pixels,
+        hog=r.hog if r.hog is not None else np.zeros((0, 1), np.float32),
+        bad_idx=np.asarray(list(r.bad), dtype=np.int64),
+        bad_reason=np.asarray(list(r.bad.values()), dtype=str), mode=r.mode,
+        seconds=r.seconds))

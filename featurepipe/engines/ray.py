@@ -1,17 +1,10 @@
-"""Ray engine: Ray Data actors decode and embed, the driver writes the feature store.
+"""Ray engine: embed on a Ray cluster; the driver plans, writes and commits the feature store.
 
-Planning, entry key, shard names and commit are the local engine's (:func:`featurepipe.embed.
-run_embed`); only the compute step differs. The pending shards are cut into the same batches the
-local engine uses (:func:`featurepipe.embed.shard_batches`), one batch per Ray Data row. Actors
-(:class:`_EmbedWorker`) load the backbone once, decode with the source's decode policy and return
-``(index, feature, reason)`` rows; the driver collects them in any order and writes each shard the
-moment its last row arrives. Because the batches are identical, fp32 features equal the local
-engine's, and a killed run resumes from the shards on disk like a local one.
-
-Why the driver writes: a feature row is ``dim * 2`` bytes (float16), hundreds of times smaller
-than the image a worker reads, so funnelling rows to the driver costs little (measured in
-``benchmarks/ray_overhead.py``), while worker-written shards would need the store on a filesystem
-shared by every node and a second writer protocol. See ``docs/ray.md``.
+Planning, entry key, shard names and commit are the local engine's
+(:func:`featurepipe.embedding.run_embed`); only the runner differs
+(:class:`featurepipe.embedding.runners.ray.RayRunner`), so a store made by one engine is re-used
+and resumed by the other. This module opens the Ray session, sizes the actor pool, resolves the
+workers' precision and calls the driver. See ``docs/ray.md``.
 
 The module imports Ray only when :func:`embed_ray` runs (``pip install "featurepipe[ray]"``).
 """
@@ -21,40 +14,26 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import platform
-import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
-from featurepipe import exceptions
-from featurepipe.backbones import BackboneSpec, load_backbone
+from featurepipe.backbones import BackboneSpec
 from featurepipe.decode import DecodePolicy
-from featurepipe.embed import (
-    EmbedJob,
+from featurepipe.devices import resolve_precision
+from featurepipe.embedding import (
+    EmbedOptions,
     EmbedReport,
-    ShardCollector,
-    _collate,
-    _validate,
-    forward_good,
-    prepare_model,
-    resolve_precision,
+    RunnerChoice,
+    choose_runner,
+    make_runner,
+    resolve_backbone,
     run_embed,
-    shard_batches,
 )
-from featurepipe.exceptions import (
-    BackboneError,
-    ConfigError,
-    FeaturePipeError,
-    MissingDependencyError,
-    StoreError,
-)
-from featurepipe.sources import ImageSource
-from featurepipe.store import FeatureStore, StoreWriter
+from featurepipe.embedding.runners.ray import RayResources
+from featurepipe.exceptions import ConfigError, MissingDependencyError
+from featurepipe.store import FeatureStore
 
 __all__ = ["RAY_INSTALL", "embed_ray", "import_ray"]
 
@@ -81,112 +60,12 @@ def import_ray() -> Any:
     return ray
 
 
-# --------------------------------------------------------------------------- worker side
-
-
-@dataclass(frozen=True)
-class _WorkerConfig:
-    """What an actor needs to rebuild the driver's job; small, so it pickles cheaply."""
-
-    source_ref: list[Any]  # [ObjectRef of the ImageSource], boxed so Ray does not resolve it
-    spec: BackboneSpec
-    weights_sha256: str
-    preprocess: dict
-    policy: DecodePolicy
-    device: str
-    precision: str
-    dtype: str
-    batch_size: int
-    threads: int
-    dim: int
-
-
-class _EmbedWorker:
-    """A Ray Data actor: loads the backbone once, then embeds one planned batch per row.
-
-    Rows hold ``indices`` (source positions of one batch). Each is decoded through
-    :meth:`featurepipe.embed.EmbedJob.dataset` (same decode policy and transform as the local
-    engine, a bad file gives a reason instead of an exception) and the good images go through
-    :func:`featurepipe.embed.forward_good` together, exactly as in the local engine.
-    """
-
-    def __init__(self, config: _WorkerConfig) -> None:
-        # A featurepipe error here (backbone not loadable on this node, other weights) travels
-        # back as data: Ray would hand the driver only its text inside an ActorDiedError, and
-        # the CLI should print one clear line.
-        self._error, self._config = "", config
-        try:
-            self._setup(config)
-        except FeaturePipeError as exc:
-            self._error = f"{type(exc).__name__}\0{exc} (Ray worker on {platform.node()})"
-
-    def _setup(self, config: _WorkerConfig) -> None:
-        import ray
-
-        source: ImageSource = ray.get(config.source_ref[0])
-        backbone = load_backbone(config.spec)
-        if (backbone.weights_sha256 != config.weights_sha256
-                or backbone.preprocess.to_dict() != config.preprocess):
-            raise BackboneError(
-                f"a Ray worker loaded {config.spec.name} with other weights or "
-                f"preprocessing than the driver (weights {backbone.weights_sha256} vs "
-                f"{config.weights_sha256}); install the same featurepipe, timm and weights on "
-                "every node")
-        if config.device == "cpu":
-            torch.set_num_threads(config.threads)
-        device = torch.device(config.device)
-        self._job = EmbedJob(source, backbone, config.policy, device, config.precision,
-                             config.dtype, config.batch_size, "skip", [], [])
-        self._dataset = self._job.dataset(range(len(source)))
-        self._model = prepare_model(backbone, device)
-        self._pool = ThreadPoolExecutor(config.threads) if config.threads > 1 else None
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self._error:
-            cfg = self._config
-            return {"index": np.zeros(1, dtype=np.int64),
-                    "feature": np.zeros((1, cfg.dim), dtype=cfg.dtype),
-                    "reason": np.array([""], dtype=object),
-                    "error": np.array([self._error], dtype=object)}
-        job, dim = self._job, self._job.backbone.feature_dim
-        index: list[int] = []
-        features: list[np.ndarray] = []
-        reasons: list[str] = []
-        for row in batch["indices"]:
-            idx = [int(i) for i in row]
-            get = self._dataset.__getitem__
-            items = list(self._pool.map(get, idx)) if self._pool else [get(i) for i in idx]
-            _, x, why = _collate(items)
-            good = forward_good(self._model, x, why, job.device, job.precision)
-            out: np.ndarray = np.zeros((len(idx), dim), dtype=job.np_dtype)
-            if len(good):
-                out[[k for k, r in enumerate(why) if not r]] = good.astype(job.np_dtype)
-            index.extend(idx)
-            features.append(out)
-            reasons.extend(why)
-        return {
-            "index": np.asarray(index, dtype=np.int64),
-            "feature": np.concatenate(features) if features else np.zeros((0, dim)),
-            "reason": np.asarray(reasons, dtype=object),
-            "error": np.full(len(index), "", dtype=object),
-        }
-
-
 def _probe_precision(precision: str, device: str) -> str:
     """Run on a worker: what ``precision`` resolves to on the workers' hardware."""
     return resolve_precision(precision, torch.device(device))
 
 
 # --------------------------------------------------------------------------- driver side
-
-
-@dataclass(frozen=True)
-class _Resources:
-    """How many actors, and what each one asks Ray for."""
-
-    concurrency: int
-    cpus: float
-    gpus: float
 
 
 @contextlib.contextmanager
@@ -217,7 +96,7 @@ def _ray_session(ray: Any, address: str | None, say: Callable[[str], None]) -> I
 
 
 def _resources(ray: Any, concurrency: int | None, gpus: float, cpus: float | None
-               ) -> _Resources:
+               ) -> RayResources:
     """Fill in defaults from the cluster: one actor per CPU, or per ``gpus`` GPUs."""
     total = ray.cluster_resources()
     n_cpu, n_gpu = float(total.get("CPU", 0)), float(total.get("GPU", 0))
@@ -229,75 +108,7 @@ def _resources(ray: Any, concurrency: int | None, gpus: float, cpus: float | Non
         cpus = min(_GPU_WORKER_CPUS, max(1.0, n_cpu)) if gpus else 1.0
     if concurrency is None:
         concurrency = int(n_gpu // gpus) if gpus else int(n_cpu // cpus)
-    return _Resources(max(1, concurrency), cpus, gpus)
-
-
-@contextlib.contextmanager
-def _quiet_ray_data(ray: Any, progress: bool) -> Iterator[None]:
-    """Our own progress bar replaces Ray Data's; with ``progress=False`` its INFO lines go too."""
-    ctx = ray.data.DataContext.get_current()
-    logger = logging.getLogger("ray.data")
-    saved = ctx.enable_progress_bars, logger.level
-    ctx.enable_progress_bars = False
-    if not progress:
-        logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        ctx.enable_progress_bars = saved[0]
-        logger.setLevel(saved[1])
-
-
-def _worker_error(text: str) -> FeaturePipeError:
-    """Rebuild the featurepipe error an actor reported as ``"<class name>\\0<message>"``."""
-    name, _, message = text.partition("\0")
-    cls = getattr(exceptions, name, None)
-    if (isinstance(cls, type) and issubclass(cls, FeaturePipeError)
-            and not issubclass(cls, exceptions.DecodeError)):
-        return cls(message)
-    return FeaturePipeError(f"{name}: {message}")
-
-
-def _compute_on_ray(ray: Any, job: EmbedJob, shards: list[tuple[str, list[int]]],
-                    writer: StoreWriter, res: _Resources, progress: bool,
-                    say: Callable[[str], None]) -> None:
-    """Send the pending batches through an actor pool; write shards as their rows come back."""
-    from tqdm.auto import tqdm
-
-    batches = shard_batches(shards, job.batch_size)
-    n_actors = min(res.concurrency, len(batches))
-    bb = job.backbone
-    config = _WorkerConfig(
-        source_ref=[ray.put(job.source)], spec=bb.spec, weights_sha256=bb.weights_sha256,
-        preprocess=bb.preprocess.to_dict(), policy=job.policy, device=job.device.type,
-        precision=job.precision, dtype=job.dtype, batch_size=job.batch_size,
-        threads=max(1, int(res.cpus)), dim=bb.feature_dim)
-    say(f"ray: {len(batches)} batches in {len(shards)} shards on {n_actors} workers "
-        f"({res.cpus:g} CPU" + (f", {res.gpus:g} GPU" if res.gpus else "") + " each)")
-    collector = ShardCollector(job, shards, writer)
-    bar = tqdm(total=sum(len(b) for _, b in batches), unit="img", disable=not progress,
-               dynamic_ncols=True, desc=f"embed {bb.spec.name} (ray)")
-    try:
-        with _quiet_ray_data(ray, progress):
-            ds = ray.data.from_items([{"indices": idx} for _, idx in batches],
-                                     override_num_blocks=len(batches))
-            ds = ds.map_batches(
-                _EmbedWorker, batch_size=1, fn_constructor_args=(config,),
-                compute=ray.data.ActorPoolStrategy(size=n_actors),
-                num_cpus=res.cpus, num_gpus=res.gpus or None)
-            for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                failed = [str(e) for e in out["error"] if e]
-                if failed:
-                    raise _worker_error(failed[0])
-                reasons = [str(r) for r in out["reason"]]
-                good = np.array([not r for r in reasons], dtype=bool)
-                collector.add(out["index"].tolist(), reasons, out["feature"][good])
-                bar.update(len(reasons))
-    finally:
-        bar.close()
-    if collector.pending:
-        raise StoreError(f"internal: Ray returned no rows for shards {collector.pending[:3]}; "
-                         "rerun embed to resume")
+    return RayResources(max(1, concurrency), cpus, gpus)
 
 
 def embed_ray(
@@ -372,11 +183,14 @@ def embed_ray(
     >>> from featurepipe.engines.ray import embed_ray
     >>> embed_ray("photos/", "photos.h5", address="auto", gpus_per_worker=1)  # doctest: +SKIP
     """
-    _validate(batch_size, dtype, on_error, None)
+    options = EmbedOptions(
+        batch_size=batch_size, device="cpu", dtype=dtype, on_error=on_error,
+        decode_policy=decode_policy or DecodePolicy(), content_hash=content_hash,
+        drop_missing=drop_missing, shard_size=shard_size, lock_timeout=lock_timeout,
+        other_entries=other_entries, progress=progress)
     gpus, dev = _validate_ray(concurrency, gpus_per_worker, cpus_per_worker, device)
     ray = import_ray()
     say = log or (lambda _msg: None)
-    t0 = time.perf_counter()
     with _ray_session(ray, address, say):
         res = _resources(ray, concurrency, gpus, cpus_per_worker)
         if precision == "auto":
@@ -384,18 +198,11 @@ def embed_ray(
             prec = ray.get(probe.remote(precision, dev.type))
         else:
             prec = resolve_precision(precision, dev)
-
-        def compute(job: EmbedJob, shards: list[tuple[str, list[int]]],
-                    writer: StoreWriter) -> None:
-            _compute_on_ray(ray, job, shards, writer, res, progress, say)
-
-        return run_embed(
-            source, store, backbone, compute, device=dev, precision=prec, weights=weights,
-            layer=layer, image_size=image_size, labels=labels, batch_size=batch_size,
-            dtype=dtype, on_error=on_error, decode_policy=decode_policy,
-            content_hash=content_hash, drop_missing=drop_missing, shard_size=shard_size,
-            lock_timeout=lock_timeout, other_entries=other_entries, log=log, t0=t0,
-        )
+        name = choose_runner(RunnerChoice(dev.type, None, "pil", False, engine="ray"))
+        runner = make_runner(name, ray, res, dtype, progress, say)
+        return run_embed(source, store, resolve_backbone(backbone, weights, layer, image_size),
+                         options, labels=labels, runner=runner, device=dev, precision=prec,
+                         log=log)
 
 
 def _validate_ray(concurrency: int | None, gpus_per_worker: float, cpus_per_worker: float | None,

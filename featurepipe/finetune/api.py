@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from featurepipe.atomic import atomic_write_text
 from featurepipe.finetune.classifier import CHECKPOINT_NAME, FineTuneClassifier
 from featurepipe.finetune.history import plot_history, save_history
 
@@ -120,7 +121,5 @@ def summarize(est: FineTuneClassifier, seconds: float | None = None) -> dict[str
 def save_json(obj: Any, path: str | os.PathLike[str]) -> Path:
     """Write ``obj`` as indented JSON atomically (via :func:`.history.save_history`'s writer)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
     return path

@@ -153,7 +153,7 @@ class Checkpoint(Callback):
 
     def on_train_begin(self, trainer: Trainer) -> None:
         # Temp files of a writer that was killed mid-write; the checkpoint itself is intact.
-        for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"):
+        for stale in self.path.parent.glob(f"{self.path.name}.tmp-*"):
             stale.unlink(missing_ok=True)
 
     def on_epoch_end(self, trainer: Trainer, record: dict[str, Any]) -> None:

@@ -392,28 +392,31 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
     @torch.no_grad()
     def decision_function(self, X: Any) -> np.ndarray:
         """Logits ``(n_images, n_classes)``; eval preprocessing of the weights. Bad images raise."""
-        from featurepipe.decode import DecodePolicy
-        from featurepipe.devices import autocast_context
-        from featurepipe.finetune.loop import to_device
+        from featurepipe.backbones import Backbone
+        from featurepipe.embedding import EmbedOptions, embed_in_memory
+        from featurepipe.exceptions import DecodeError
         from featurepipe.sources import open_source
 
         check_is_fitted(self, "model_")
         source = open_source(X)
-        policy = DecodePolicy()
-        target = self.preprocess_.resize_size if policy.reduce_on_load else None
-        ds = ImageDataset(source, range(len(source)), [0] * len(source),
-                          self.preprocess_.eval_transform(), policy, target)
         device = next(self.model_.parameters()).device
         # fp16 autocast is a CUDA choice; a model unpickled onto the CPU predicts in fp32.
         precision = self.precision_
         if device.type == "cpu" and precision == "fp16":
             precision = "fp32"
         self.model_.eval()
-        out = []
-        for x, _ in DataLoader(ds, batch_size=self.batch_size, num_workers=self.num_workers):
-            with autocast_context(device, precision):
-                out.append(self.model_(to_device(x, device)).float().cpu())
-        return torch.cat(out).numpy() if out else np.zeros((0, self.n_classes_), np.float32)
+        # The whole network as the engine's "extractor": its outputs are the logits.
+        net = Backbone(spec=self.backbone_spec_, model=self.model_, extractor=self.model_,
+                       preprocess=self.preprocess_, feature_dim=self.n_classes_,
+                       weights_sha256="fine-tuned", family="fine-tuned")
+        options = EmbedOptions(batch_size=self.batch_size, workers=self.num_workers,
+                               compile="off", progress=False)
+        rows = embed_in_memory(source, net, options, device=device, precision=precision)
+        for i, row in enumerate(rows):
+            if isinstance(row, str):
+                raise DecodeError(source.samples[i].path or source.samples[i].id, row)
+        return (np.stack(rows).astype(np.float32) if rows  # type: ignore[arg-type]
+                else np.zeros((0, self.n_classes_), np.float32))
 
     def predict_proba(self, X: Any) -> np.ndarray:
         """Class probabilities ``(n_images, n_classes)``, columns in ``classes_`` order."""

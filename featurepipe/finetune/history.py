@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from featurepipe.atomic import atomic_write_text
 from featurepipe.finetune.loop import Callback, Trainer
 
 __all__ = ["HistoryFile", "plot_history", "save_history"]
@@ -18,15 +18,7 @@ def save_history(history: Sequence[dict[str, Any]], path: str | os.PathLike[str]
     """Write ``history`` as indented JSON, atomically (readers never see half a file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(list(history), f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, json.dumps(list(history), indent=2) + "\n")
     return path
 
 

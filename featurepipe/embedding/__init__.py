@@ -1,0 +1,30 @@
+"""The embedding engine, built as plan -> runner -> sink.
+
+- :mod:`~featurepipe.embedding.plan` (pure): what is new, changed, deleted; shards and batches.
+- :mod:`~featurepipe.embedding.pixels`: the one place a sample becomes a uint8 crop.
+- :mod:`~featurepipe.embedding.forward`: a batch through the network.
+- :mod:`~featurepipe.embedding.runners`: eager threads, worker processes, compiled CPU streams,
+  nvjpeg and Ray, one :class:`Runner` interface; :func:`choose_runner` picks one (a table).
+- :mod:`~featurepipe.embedding.sink`: finished batches into store shards.
+- :mod:`~featurepipe.embedding.engine`: the driver (plan, run, sink, commit) and the in-memory
+  path of the estimators.
+
+The public entry point is :func:`featurepipe.embed.embed`.
+"""
+
+from featurepipe.embedding.choose import RunnerChoice, choose_runner, make_runner
+from featurepipe.embedding.engine import (
+    canonical_spec,
+    embed_in_memory,
+    refuse_other_specs,
+    resolve_backbone,
+    run_embed,
+    store_attrs,
+)
+from featurepipe.embedding.options import EmbedOptions, EmbedReport
+from featurepipe.embedding.plan import Plan, Shard, make_plan
+from featurepipe.embedding.runners.base import Provenance, Runner, Work
+
+__all__ = ["EmbedOptions", "EmbedReport", "Plan", "Provenance", "Runner", "RunnerChoice",
+           "Shard", "Work", "canonical_spec", "choose_runner", "embed_in_memory", "make_plan",
+           "make_runner", "refuse_other_specs", "resolve_backbone", "run_embed", "store_attrs"]

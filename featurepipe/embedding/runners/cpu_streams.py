@@ -1,0 +1,44 @@
+"""Compiled CPU runner: one stream per core, each decoding a batch and embedding it alone
+(:class:`featurepipe.cpu_streams.CoreStreams`). The graph is compiled once, before the streams
+start, for one thread and with inductor's C++ wrapper (GIL released); if that compile fails the
+run goes on with decode threads and the eager network."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from featurepipe.cpu_streams import STREAM_CHUNK, CoreStreams
+from featurepipe.embedding.forward import compile_for_streams, forward_good
+from featurepipe.embedding.memory import run_ops_single_threaded
+from featurepipe.embedding.runners.base import Batch, Runner, Work, run_loader
+from featurepipe.embedding.runners.threads import DecodeInThreads
+
+__all__ = ["RUNNER", "CpuStreamsRunner"]
+
+
+class CpuStreamsRunner(Runner):
+    """``torch.get_num_threads()`` streams over a graph compiled for one core."""
+
+    name = "cpu-streams"
+
+    def run(self, work: Work) -> Iterator[Batch]:
+        model = self._model(work, STREAM_CHUNK, per_core=True)
+        pre = work.backbone.preprocess
+        if self._compiled is not None:
+            work.status("compiling, once")
+            compile_for_streams(self._compiled, pre.input_size, work.device, work.precision)
+            work.status("")
+        if self._compiled is None or not self._compiled.active:
+            loader = DecodeInThreads(work.pixels, work.batches, torch.get_num_threads())
+            yield from run_loader(loader, model, work)
+            return
+        dev, precision = work.device, work.precision
+        yield from CoreStreams(
+            work.pixels, work.batches,
+            lambda x, reasons: forward_good(model, x, reasons, dev, precision),
+            torch.get_num_threads(), initializer=run_ops_single_threaded)
+
+
+RUNNER = CpuStreamsRunner
