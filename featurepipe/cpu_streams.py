@@ -82,6 +82,11 @@ class CoreStreams:
                     yield item
         finally:
             stop.set()
+            while True:  # drop the batches not started, so streams stop after their current one
+                try:
+                    todo.get_nowait()
+                except queue.Empty:
+                    break
             for thread in threads:
                 thread.join()
 

@@ -66,7 +66,8 @@ def test_per_core_graph_serves_concurrent_single_threaded_callers(tiny_model):
 
     from torch._dynamo.utils import counters
 
-    from featurepipe.embed import compile_for_streams, run_ops_single_threaded
+    from featurepipe.embed import run_ops_single_threaded
+    from featurepipe.embedding.forward import compile_for_streams
 
     bb, model = tiny_model
     torch._dynamo.reset()
@@ -106,28 +107,26 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(tiny_model, monkeypa
 
 
 @pytest.mark.skipif(not has_cxx_compiler(), reason="inductor's CPU backend needs a C++ compiler")
-def test_embed_compile_on_gives_the_eager_rows_and_records_it(tmp_path, monkeypatch):
+def test_embed_compile_on_gives_the_eager_rows_and_records_it(tmp_path):
     from torch._dynamo.utils import counters
 
-    import featurepipe.embed as embed_module
+    from featurepipe.embedding import EmbedOptions, resolve_backbone, run_embed
+    from featurepipe.embedding.runners.cpu_streams import CpuStreamsRunner
 
     root = tmp_path / "imgs"
     write_good_images(root, 11, seed=4)
     (root / "broken.jpg").write_bytes(b"not a jpeg")
     opts = dict(TINY, precision="fp32", dtype="float32", progress=False, batch_size=4)
     eager = embed(root, tmp_path / "eager.h5", compile="off", **opts)
-    streams = []
-    real = embed_module.CoreStreams
-
-    def spy(*args, **kwargs):
-        streams.append(args[3])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(embed_module, "CoreStreams", spy)
     torch._dynamo.reset()
     counters.clear()
-    fast = embed(root, tmp_path / "fast.h5", compile="on", **opts)
-    assert streams == [torch.get_num_threads()]  # compiled on CPU: one stream per core
+    runner = CpuStreamsRunner()
+    spec = resolve_backbone(TINY["backbone"], TINY["weights"], None, TINY["image_size"])
+    fast = run_embed(root, tmp_path / "fast.h5", spec,
+                     EmbedOptions(compile="on", precision="fp32", dtype="float32",
+                                  progress=False, batch_size=4), runner=runner)
+    assert runner.n_streams == torch.get_num_threads()  # compiled on CPU: one stream per core
+    assert fast.runner == "cpu-streams"
     assert counters["stats"]["unique_graphs"] == 1  # no stream compiled its own graph
     assert (eager.compiled, fast.compiled) == (False, True)
     assert fast.key == eager.key  # the kernel choice is provenance, not part of the key

@@ -13,7 +13,6 @@ from sklearn.model_selection import GridSearchCV, StratifiedKFold, cross_val_sco
 from sklearn.pipeline import make_pipeline
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-import featurepipe.embed as engine
 from featurepipe.estimators import ImageEmbedder, clear_caches, drop_bad
 from featurepipe.exceptions import (
     BackboneError,
@@ -104,17 +103,17 @@ def _fresh_features():
 
 
 @pytest.fixture
-def counted(monkeypatch):
-    """Count the images that go through the backbone (every engine calls embed.start_forward)."""
+def counted():
+    """Count the images that go through the backbone (a forward hook on the shared network)."""
     seen = {"images": 0}
-    real = engine.start_forward
+    backbone = ImageEmbedder(**SETTINGS).fit(np.zeros((1, 8, 8, 3), np.uint8)).backbone_
 
-    def counting(model, x, device, precision):
-        seen["images"] += int(x.shape[0])
-        return real(model, x, device, precision)
+    def count(_module, args):
+        seen["images"] += int(args[0].shape[0])
 
-    monkeypatch.setattr(engine, "start_forward", counting)
-    return seen
+    handle = backbone.extractor.register_forward_pre_hook(count)
+    yield seen
+    handle.remove()
 
 
 @pytest.fixture

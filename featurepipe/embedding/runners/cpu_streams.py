@@ -23,6 +23,10 @@ class CpuStreamsRunner(Runner):
 
     name = "cpu-streams"
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.n_streams = 0  # streams of the last run (0: it fell back to decode threads)
+
     def run(self, work: Work) -> Iterator[Batch]:
         model = self._model(work, STREAM_CHUNK, per_core=True)
         pre = work.backbone.preprocess
@@ -35,10 +39,11 @@ class CpuStreamsRunner(Runner):
             yield from run_loader(loader, model, work)
             return
         dev, precision = work.device, work.precision
+        self.n_streams = torch.get_num_threads()
         yield from CoreStreams(
             work.pixels, work.batches,
             lambda x, reasons: forward_good(model, x, reasons, dev, precision),
-            torch.get_num_threads(), initializer=run_ops_single_threaded)
+            self.n_streams, initializer=run_ops_single_threaded)
 
 
 RUNNER = CpuStreamsRunner
