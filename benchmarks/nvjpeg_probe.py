@@ -20,6 +20,7 @@ import featurepipe.embed as engine
 from benchmarks.common import make_photo_folder
 from featurepipe.backbones import load_backbone, resolve_spec
 from featurepipe.decode import DecodePolicy
+from featurepipe.embedding.pixels import Pixels
 from featurepipe.gpu_decode import GPUDecodeLoader, _collate_encoded, _EncodedFiles
 from featurepipe.sources import open_source
 
@@ -47,8 +48,7 @@ def main() -> None:
     bb = load_backbone(resolve_spec("efficientnet_lite0"))
     pre, policy, src = bb.preprocess, DecodePolicy(), open_source(paths)
     flat = list(range(len(src)))
-    ds = engine._SourceDataset(src, flat, pre.decode_transform(), policy, pre.input_size,
-                               pre.resize_size, fill_dtype=torch.uint8)
+    ds = Pixels.for_backbone(src, bb, policy)
     batches = [flat[s:s + BATCH] for s in range(0, len(flat), BATCH)]
     for workers in (15, 8, 4):
         loader = GPUDecodeLoader(ds, flat, src.paths, batches, pre, policy.max_pixels, dev,

@@ -25,15 +25,14 @@ import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import torch
 
-import featurepipe.embed as fp_embed
 from benchmarks.common import machine, make_photo_folder, write_results
 from benchmarks.throughput import ceiling
 from featurepipe.backbones import load_backbone, resolve_spec
-from featurepipe.cpu_streams import CoreStreams
+from featurepipe.embedding import EmbedOptions, EmbedReport, resolve_backbone, run_embed
+from featurepipe.embedding.runners.cpu_streams import CpuStreamsRunner
 from featurepipe.report import markdown_table
 
 STAGES = ("decode", "forward")
@@ -67,7 +66,7 @@ class StageClock:
 
 
 class _TimedDataset:
-    """The engine's dataset, with each ``decode_into`` timed (all ``CoreStreams`` calls)."""
+    """The engine's dataset, with each ``decode_into`` timed (every call of the CPU streams)."""
 
     def __init__(self, dataset: Any, clock: StageClock) -> None:
         self.dataset, self.clock = dataset, clock
@@ -78,22 +77,21 @@ class _TimedDataset:
 
 
 def timed_run(root: Path, name: str, weights: str | None, batch_size: int
-              ) -> tuple[fp_embed.EmbedReport, float, StageClock]:
+              ) -> tuple[EmbedReport, float, StageClock]:
     """One ``embed(compile="on")`` run with its streams' stages timed: report, seconds, clock."""
     clock = StageClock()
 
-    class TimedStreams(CoreStreams):
-        def __init__(self, dataset: Any, batches: Any, embed: Any, streams: int,
-                     initializer: Any = None) -> None:
-            super().__init__(_TimedDataset(dataset, clock), batches,
-                             lambda x, reasons: clock.timed("forward", embed, x, reasons),
-                             streams, initializer)
+    class TimedStreams(CpuStreamsRunner):
+        def streams(self, pixels: Any, batches: Any, embed: Any, n: int) -> Any:
+            return super().streams(_TimedDataset(pixels, clock), batches,
+                                   lambda x, reasons: clock.timed("forward", embed, x, reasons),
+                                   n)
 
-    with tempfile.TemporaryDirectory() as tmp, mock.patch.object(fp_embed, "CoreStreams",
-                                                                 TimedStreams):
+    with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        report = fp_embed.embed(root, Path(tmp) / "f.h5", name, weights=weights,
-                                batch_size=batch_size, compile="on", progress=False)
+        report = run_embed(root, Path(tmp) / "f.h5", resolve_backbone(name, weights),
+                           EmbedOptions(batch_size=batch_size, compile="on", progress=False),
+                           runner=TimedStreams())
         seconds = time.perf_counter() - t0
     if not clock.images:
         raise SystemExit("the run did not go through the CPU streams (a GPU, or no compile?)")

@@ -78,6 +78,7 @@ def ceiling(name: str, weights: str | None, batch_size: int, n: int, precision: 
     """
     from featurepipe.compiling import CompiledExtractor
     from featurepipe.cpu_streams import STREAM_CHUNK
+    from featurepipe.embedding.forward import compile_for_streams
 
     bb = load_backbone(resolve_spec(name, weights=weights))
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -99,7 +100,7 @@ def ceiling(name: str, weights: str | None, batch_size: int, n: int, precision: 
         for _ in range(batches):
             fp_embed.forward_features(model, x, dev, precision)
         return batches * batch_size / (time.perf_counter() - t0)
-    fp_embed.compile_for_streams(model, bb.preprocess.input_size, dev, precision)
+    compile_for_streams(model, bb.preprocess.input_size, dev, precision)
     per_stream = max(1, batches // streams)
 
     def run(k: int) -> None:

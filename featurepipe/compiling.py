@@ -53,6 +53,16 @@ from torch import nn
 
 from featurepipe.exceptions import ConfigError, FeaturePipeWarning
 
+__all__ = [
+    "AUTO_MIN_IMAGES",
+    "COMPILE_CHOICES",
+    "CompiledExtractor",
+    "check_choice",
+    "depthwise_norms_in_fp32",
+    "has_cxx_compiler",
+    "should_compile",
+]
+
 COMPILE_CHOICES = ("auto", "on", "off")
 #: ``auto`` compiles when at least this many 224x224 images' worth of pixels are to be computed
 #: (6,000 at 224 px, 33,000 at 96 px): at 110.7 -> 211.3 img/s end to end (lite0, bf16, 2 cores,

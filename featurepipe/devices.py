@@ -10,6 +10,14 @@ import torch
 
 from featurepipe.exceptions import ConfigError
 
+__all__ = [
+    "PRECISIONS",
+    "autocast_context",
+    "cpu_has_native_bf16",
+    "resolve_device",
+    "resolve_precision",
+]
+
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 

@@ -8,6 +8,19 @@ working.
 
 from __future__ import annotations
 
+__all__ = [
+    "BackboneError",
+    "ConfigError",
+    "DecodeError",
+    "FeaturePipeError",
+    "FeaturePipeWarning",
+    "MissingDependencyError",
+    "SourceError",
+    "SpecMismatchError",
+    "StoreError",
+    "StoreLockedError",
+]
+
 
 class FeaturePipeError(Exception):
     """Root of all featurepipe errors."""

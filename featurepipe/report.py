@@ -6,6 +6,12 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+__all__ = [
+    "markdown_table",
+    "new_figure",
+    "save_figure",
+]
+
 
 def _fmt(value: Any) -> str:
     if isinstance(value, float):

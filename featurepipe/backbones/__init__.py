@@ -10,23 +10,64 @@ timm's ``tf_efficientnet_lite0``. Fine-tuned networks round-trip through ``expor
 
 from __future__ import annotations
 
-from featurepipe.backbones._build import file_sha256
-from featurepipe.backbones._catalog import list_backbones
-from featurepipe.backbones._classifier import reset_classifier, torchvision_head_path
-from featurepipe.backbones._describe import BackboneDescription, describe_backbone
-from featurepipe.backbones._export import export_finetuned
-from featurepipe.backbones._extract import layer_names, pool_features
-from featurepipe.backbones._load import Backbone, load_backbone
-from featurepipe.backbones._spec import (
-    EXPORT_CONFIG_NAME,
-    EXPORT_FORMAT,
-    EXPORT_WEIGHTS_NAME,
-    OFFLINE_DEFAULT,
-    BackboneSpec,
-    PreprocessSpec,
-    ResizeCenterCrop,
-    resolve_spec,
-)
+import importlib
+from typing import TYPE_CHECKING, Any
+
+#: Public name -> private module that defines it. Imported on first use (PEP 562), so a spec or
+#: a description does not import torch: ``featurepipe fit`` and saved models stay light.
+_WHERE = {
+    "file_sha256": "_build",
+    "list_backbones": "_catalog",
+    "reset_classifier": "_classifier",
+    "torchvision_head_path": "_classifier",
+    "BackboneDescription": "_describe",
+    "describe_backbone": "_describe",
+    "export_finetuned": "_export",
+    "layer_names": "_extract",
+    "pool_features": "_extract",
+    "Backbone": "_load",
+    "load_backbone": "_load",
+    "ResizeCenterCrop": "_resize",
+    "EXPORT_CONFIG_NAME": "_spec",
+    "EXPORT_FORMAT": "_spec",
+    "EXPORT_WEIGHTS_NAME": "_spec",
+    "OFFLINE_DEFAULT": "_spec",
+    "BackboneSpec": "_spec",
+    "PreprocessSpec": "_spec",
+    "resolve_spec": "_spec",
+}
+
+if TYPE_CHECKING:
+    from featurepipe.backbones._build import file_sha256
+    from featurepipe.backbones._catalog import list_backbones
+    from featurepipe.backbones._classifier import reset_classifier, torchvision_head_path
+    from featurepipe.backbones._describe import BackboneDescription, describe_backbone
+    from featurepipe.backbones._export import export_finetuned
+    from featurepipe.backbones._extract import layer_names, pool_features
+    from featurepipe.backbones._load import Backbone, load_backbone
+    from featurepipe.backbones._resize import ResizeCenterCrop
+    from featurepipe.backbones._spec import (
+        EXPORT_CONFIG_NAME,
+        EXPORT_FORMAT,
+        EXPORT_WEIGHTS_NAME,
+        OFFLINE_DEFAULT,
+        BackboneSpec,
+        PreprocessSpec,
+        resolve_spec,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"featurepipe.backbones.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __all__ = [
     "EXPORT_CONFIG_NAME",

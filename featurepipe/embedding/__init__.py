@@ -12,19 +12,48 @@
 The public entry point is :func:`featurepipe.embed.embed`.
 """
 
-from featurepipe.embedding.choose import RunnerChoice, choose_runner, make_runner
-from featurepipe.embedding.engine import (
-    canonical_spec,
-    embed_in_memory,
-    refuse_other_specs,
-    resolve_backbone,
-    run_embed,
-    store_attrs,
-)
-from featurepipe.embedding.options import EmbedOptions, EmbedReport
-from featurepipe.embedding.plan import Plan, Shard, make_plan
-from featurepipe.embedding.runners.base import Provenance, Runner, Work
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+#: Public name -> submodule. Imported on first use (PEP 562): the plan and the options import no
+#: torch, so ``from featurepipe.embedding import EmbedOptions`` stays light.
+_WHERE = {
+    "RunnerChoice": "choose", "choose_runner": "choose", "make_runner": "choose",
+    "canonical_spec": "engine", "embed_in_memory": "engine", "refuse_other_specs": "engine",
+    "resolve_backbone": "engine", "run_embed": "engine", "store_attrs": "engine",
+    "EmbedOptions": "options", "EmbedReport": "options",
+    "Plan": "plan", "Shard": "plan", "make_plan": "plan",
+    "Provenance": "runners.base", "Runner": "runners.base", "Work": "runners.base",
+}
+
+if TYPE_CHECKING:
+    from featurepipe.embedding.choose import RunnerChoice, choose_runner, make_runner
+    from featurepipe.embedding.engine import (
+        canonical_spec,
+        embed_in_memory,
+        refuse_other_specs,
+        resolve_backbone,
+        run_embed,
+        store_attrs,
+    )
+    from featurepipe.embedding.options import EmbedOptions, EmbedReport
+    from featurepipe.embedding.plan import Plan, Shard, make_plan
+    from featurepipe.embedding.runners.base import Provenance, Runner, Work
 
 __all__ = ["EmbedOptions", "EmbedReport", "Plan", "Provenance", "Runner", "RunnerChoice",
            "Shard", "Work", "canonical_spec", "choose_runner", "embed_in_memory", "make_plan",
            "make_runner", "refuse_other_specs", "resolve_backbone", "run_embed", "store_attrs"]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"featurepipe.embedding.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

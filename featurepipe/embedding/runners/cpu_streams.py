@@ -5,8 +5,10 @@ run goes on with decode threads and the eager network."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
+import numpy as np
 import torch
 
 from featurepipe.cpu_streams import STREAM_CHUNK, CoreStreams
@@ -40,10 +42,16 @@ class CpuStreamsRunner(Runner):
             return
         dev, precision = work.device, work.precision
         self.n_streams = torch.get_num_threads()
-        yield from CoreStreams(
+        yield from self.streams(
             work.pixels, work.batches,
-            lambda x, reasons: forward_good(model, x, reasons, dev, precision),
-            self.n_streams, initializer=run_ops_single_threaded)
+            lambda x, reasons: forward_good(model, x, reasons, dev, precision), self.n_streams)
+
+    def streams(self, pixels: Any, batches: Sequence[Sequence[int]],
+                embed: Callable[[torch.Tensor, list[str]], np.ndarray], n: int
+                ) -> Iterable[Batch]:
+        """The streams over ``batches`` (a subclass may wrap ``pixels`` or ``embed``, e.g. to
+        time them: ``benchmarks/stream_breakdown.py``)."""
+        return CoreStreams(pixels, batches, embed, n, initializer=run_ops_single_threaded)
 
 
 RUNNER = CpuStreamsRunner
