@@ -2,40 +2,34 @@
 
 Why: eager mode runs every operator as its own pass over memory and, under autocast, re-casts
 each weight on every call. Inductor fuses the element-wise tails into the convolutions' loops,
-and on a CPU ``freezing`` (below) folds and pre-packs the weights. Measured on efficientnet_lite0,
-224 px, batch 64, 8,192 500x375 JPEG files, bf16, 2 Sapphire Rapids cores: 110.7 img/s eager,
-211.3 img/s compiled once the one-off compile is done (24 s on a cold inductor cache, less when
-inductor's on-disk cache already holds the graph; the compiled run goes one stream per core,
-:mod:`featurepipe.cpu_streams`); resnet50 57.1 -> 170.6
-(``benchmarks/results/throughput-cpu-8k.md``).
+and on a CPU ``freezing`` (below) folds and pre-packs the weights; the compiled run goes one
+stream per core (:mod:`featurepipe.cpu_streams`). Speeds and compile times are measured in
+``benchmarks/results/throughput-cpu-8k.md`` (summary in ``docs/performance.md``).
 
 On a CPU the graph is compiled with inductor's ``freezing``: BatchNorm folded into the
 convolutions, weights pre-packed for oneDNN, conv + activation + residual fused. Folding a
 BatchNorm into a *depthwise* convolution is the one step bf16 cannot take: those 3x3 filters
-sum 9 terms and their BatchNorm scales reach 75 (efficientnet_lite0), so the folded bf16
-weights lost enough that the min cosine to fp32 features fell from 0.995 to 0.967 over 512
-photos (a folded fp32 depthwise conv restored 0.999). :func:`depthwise_norms_in_fp32` therefore
-runs each BatchNorm that follows a grouped convolution in fp32, outside autocast, on the
-convolution's bf16 output: inductor cannot fold across that cast, and every other convolution
-still folds. Forward pass alone (lite0, bf16, batch 64, 2 cores; measured before the engine
-kept activations in malloc's heap, which lifted all of these): 115 img/s compiled, 171 frozen
-(min cosine 0.967), 148 frozen with the depthwise norms in fp32 (min cosine 0.995, as eager
-bf16); resnet50 (random weights) 64 -> 122.
+sum 9 terms and their BatchNorm scales are large (efficientnet_lite0), so the folded bf16
+weights lose enough precision that features drift visibly from fp32 (a folded fp32 depthwise
+conv does not). :func:`depthwise_norms_in_fp32` therefore runs each BatchNorm that follows a
+grouped convolution in fp32, outside autocast, on the convolution's bf16 output: inductor cannot
+fold across that cast, and every other convolution still folds; features then agree with eager
+bf16 as closely as eager bf16 agrees with fp32 (``docs/performance.md``).
 
 ``"auto"`` compiles only where that pays and where nothing changes but speed:
 
-- on CPU (the GPU path is not measured here yet; ask with ``"on"``);
+- on CPU (the GPU path has no measurement yet; ask with ``"on"``);
 - under bf16/fp16 autocast: ``fp32`` stays the exact, eager mode unless asked (``"on"``);
 - for at least :data:`AUTO_MIN_IMAGES` images (in 224x224 equivalents) to compute: a cached or
   small rerun never waits for a compile;
 - when a C++ compiler is on ``PATH`` (inductor's CPU backend needs one).
 
-Compiled features differ from eager ones at the rounding level of the precision (bf16: min
-cosine 0.9998 between the two); the store key does not change (like the device, the kernel
-choice is provenance, recorded in the entry's ``compiled`` attribute). Batches are padded to the
-compiled batch size, and larger ones run in chunks of it, so one graph serves the whole run (the
-short last batch and batches with skipped files do not recompile). On CPU the engine compiles for
-one stream per core (:mod:`featurepipe.cpu_streams`). Any compile error falls back to eager with a
+Compiled features differ from eager ones at the rounding level of the precision; the store key
+does not change (like the device, the kernel choice is provenance, recorded in the entry's
+``compiled`` attribute). Batches are padded to the compiled batch size, and larger ones run in
+chunks of it, so one graph serves the whole run (the short last batch and batches with skipped
+files do not recompile). On CPU the engine compiles for one stream per core
+(:mod:`featurepipe.cpu_streams`). Any compile error falls back to eager with a
 :class:`~featurepipe.exceptions.FeaturePipeWarning`: a long run never dies for an optimisation.
 """
 
@@ -64,10 +58,9 @@ __all__ = [
 ]
 
 COMPILE_CHOICES = ("auto", "on", "off")
-#: ``auto`` compiles when at least this many 224x224 images' worth of pixels are to be computed
-#: (6,000 at 224 px, 33,000 at 96 px): at 110.7 -> 211.3 img/s end to end (lite0, bf16, 2 cores,
-#: ``throughput-cpu-8k.md``), a cold 24 s compile pays from about 5,600 images and a warm ~14 s
-#: one from about 3,300 (6,600 and 2,600 before compiled runs went one stream per core).
+#: ``auto`` compiles when at least this many 224x224 images' worth of pixels are to be computed:
+#: about where a cold compile has paid for itself in the measured end-to-end speed-up
+#: (``benchmarks/results/throughput-cpu-8k.md``, ``docs/performance.md``).
 AUTO_MIN_IMAGES = 6000
 
 
@@ -141,9 +134,8 @@ class CompiledExtractor:
     ``per_core``: compile for callers that each run alone on one core
     (:class:`featurepipe.cpu_streams.CoreStreams`): inductor's C++ kernels are generated for one
     thread (``cpp.threads=1``), and its C++ wrapper (``cpp_wrapper``) runs the whole graph with
-    the GIL released. With the default Python wrapper the graph holds the GIL between kernels:
-    two threads running it side by side reached 140 img/s where one ran 125 (lite0, bf16,
-    batch 64); with the C++ wrapper, 196; at 8 images a call, 266-270.
+    the GIL released. With the default Python wrapper the graph holds the GIL between kernels,
+    so two threads running it side by side barely beat one (``docs/performance.md``).
 
     Thread-safe once compiled: the first call compiles under a lock, with inductor's config
     patched for that call only (the settings are read when the graph compiles).
@@ -154,11 +146,11 @@ class CompiledExtractor:
         t0 = time.perf_counter()
         self.eager = model
         self.batch_size = batch_size
-        self.freeze = (device or torch.device("cpu")).type == "cpu"  # GPU freezing: unmeasured
+        self.freeze = (device or torch.device("cpu")).type == "cpu"  # GPU freezing: not measured
         self.per_core = per_core and self.freeze
         if self.freeze and precision != "fp32":
             model = depthwise_norms_in_fp32(model)
-        self.compiled: Any = torch.compile(model, dynamic=False)  # imports dynamo: ~1.5 s cold
+        self.compiled: Any = torch.compile(model, dynamic=False)  # imports dynamo (slow, cold)
         self.failed: str | None = None
         # Wall time of this setup plus the first call (compile + one batch).
         self._setup_seconds = time.perf_counter() - t0
@@ -175,7 +167,7 @@ class CompiledExtractor:
         """The inductor settings this graph is compiled with.
 
         ``freezing`` (CPU) measured faster as the global switch than as
-        ``torch.compile(options=...)`` (178 vs 128 img/s, bf16), hence a patch of the config.
+        ``torch.compile(options=...)`` (``docs/performance.md``), hence a patch of the config.
         """
         options: dict[str, Any] = {"freezing": self.freeze}
         if self.per_core:

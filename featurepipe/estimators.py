@@ -190,7 +190,7 @@ class ImageEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
     precision_ : str
         The resolved precision.
     key_parts_ : dict
-        Everything that changes a feature value (see :func:`featurepipe.embed.key_parts`).
+        Everything that changes a feature value (see :func:`featurepipe.identity.key_parts`).
     key_ : str
         The feature-store entry key of ``key_parts_``.
     feature_dim_, n_features_out_ : int

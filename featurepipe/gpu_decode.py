@@ -1,10 +1,10 @@
 """JPEG decoding on the GPU (nvjpeg through ``torchvision.io.decode_jpeg(device="cuda")``).
 
-On a GPU machine the forward pass outruns CPU decoding by an order of magnitude: measured on an
-H100 with 16 cores (``benchmarks/results/decode_probe-gpu.md``), Pillow decode + resize of
-500x375 JPEGs in 15 processes gave ~2,000 img/s while the lite0 forward pass runs at ~19,000.
-nvjpeg decodes the same files at ~15,000-19,000 img/s (torchvision uses nvjpeg's hardware
-backend for baseline JPEGs where the GPU has JPEG engines, as the H100 does). So with
+On a GPU machine the forward pass outruns CPU decoding by an order of magnitude, and nvjpeg
+decodes JPEGs about as fast as the forward pass runs (measured in
+``benchmarks/results/decode_probe-gpu.md`` and ``benchmarks/results/nvjpeg_probe-gpu.md``;
+torchvision uses nvjpeg's hardware backend for baseline JPEGs where the GPU has JPEG engines,
+as the H100 does). So with
 ``decoder="nvjpeg"`` DataLoader workers only read the files and vet their headers;
 whole batches are decoded on the GPU with one call and resized and cropped there with
 torchvision's ``Resize`` + ``CenterCrop`` (what ``ResizeCenterCrop`` does with tensors; on
@@ -146,11 +146,12 @@ class GPUDecodeLoader:
     crops them on the GPU. It all runs in the caller's thread: the engine keeps one forward pass
     in flight, so the GPU computes batch n while nvjpeg decodes batch n+1 (torchvision's
     decode releases the GIL: checked on the CPU decoder, the same op dispatch). A producer
-    thread was measured slower (6,000 img/s against ~10,000 for the loader alone): it and the
-    thread launching the forward pass convoyed on the GIL.
+    thread was slower (``benchmarks/results/nvjpeg_probe-gpu.md``): it and the thread
+    launching the forward pass convoyed on the GIL.
     ``batches`` hold positions into ``indices`` (source rows), ``paths`` (their files, None for
-    arrays) and ``dataset``, the engine's CPU ``_SourceDataset`` over the same positions (the
-    fallback decoder). ``workers=0`` reads in the caller's process (tests).
+    arrays) and ``dataset``, the engine's CPU :class:`~featurepipe.embedding.pixels.Pixels`
+    over the same positions (the fallback decoder). ``workers=0`` reads in the caller's
+    process (tests).
     """
 
     def __init__(self, dataset: Any, indices: Sequence[int], paths: Sequence[str] | None,

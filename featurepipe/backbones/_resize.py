@@ -31,14 +31,13 @@ class ResizeCenterCrop:
     native uint8 antialiased kernel, which gives the same bits on every CPU (AVX512, AVX2, the
     generic kernel of ARM and older x86: tested with ``ATEN_CPU_CAPABILITY``); torchvision's own
     ``Resize`` takes a float detour for bilinear on CPUs without AVX2, whose rounding differs.
-    On the 500x375 benchmark photos resize and crop cost 0.39 ms per photo (into a batch slot)
-    against 1.15 ms for Pillow's resize of only the crop box, the implementation before
-    feature-format version 3. Other tensors (float, CUDA) and other filters take torchvision's
+    It is also several times cheaper than Pillow's resize of the crop box
+    (``docs/performance.md``). Other tensors (float, CUDA) and other filters take torchvision's
     ``Resize``. Picklable.
 
     ``out``: a ``(3, h, w)`` uint8 tensor to write the crop into, such as one slot of a batch
-    (:class:`featurepipe.embed._DecodeInThreads`): one copy from the resized image into the
-    batch, instead of a crop tensor that is then copied again by ``torch.stack``.
+    (:meth:`featurepipe.embedding.pixels.Pixels.decode_into`): one copy from the resized image
+    into the batch, instead of a crop tensor that is then copied again by ``torch.stack``.
     """
 
     def __init__(self, resize_size: int | tuple[int, ...], crop_size: tuple[int, int],
@@ -79,8 +78,8 @@ class ResizeCenterCrop:
 
         ``interpolate`` returns a planar (NCHW) image, which its AVX kernel fills by unpacking
         its interleaved result, and the crop is then a transposing copy. Given a channels-last
-        output, the kernel writes its result as it is and the crop copies whole rows: 0.41
-        instead of 0.60 ms per 500x375 photo (resize and crop, one thread), the same bits.
+        output, the kernel writes its result as it is and the crop copies whole rows: faster
+        (``docs/performance.md``), the same bits.
         """
         n, c = batch.shape[:2]
         op = _native_aa_out_ops().get(mode)
