@@ -49,8 +49,10 @@ VERSIONED_PACKAGES = ("featurepipe", "torch", "torchvision", "timm", "numpy", "h
 
 
 class _Spec(Protocol):
-    name: str
-    layer: str | None
+    @property
+    def name(self) -> str: ...
+    @property
+    def layer(self) -> str | None: ...
 
     def to_dict(self) -> dict[str, Any]: ...
 

@@ -95,7 +95,8 @@ def make_plan(ids: Sequence[str], fps: Sequence[str], committed: Mapping[str, st
     shard_done : callable
         True for a shard name already on disk (written by an interrupted run).
     """
-    new, changed = [], []
+    new: list[int] = []
+    changed: list[int] = []
     for i, (id_, fp) in enumerate(zip(ids, fps, strict=True)):
         if committed.get(id_) == fp or committed_skipped.get(id_, ("", ""))[0] == fp:
             continue

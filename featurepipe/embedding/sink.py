@@ -36,7 +36,7 @@ class ShardSink:
 
     def __init__(self, shards: Sequence[Shard], writer: ShardWriter, ids: Sequence[str],
                  fps: Sequence[str], dim: int, dtype: str, on_error: str = "skip",
-                 names: Sequence[str] | None = None,
+                 names: Sequence[str | None] | None = None,
                  after_shard: Callable[[], Any] = release_free_heap) -> None:
         self.writer, self.ids, self.fps, self.dim = writer, ids, fps, dim
         self.np_dtype = np.float16 if dtype == "float16" else np.float32

@@ -415,7 +415,7 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         for i, row in enumerate(rows):
             if isinstance(row, str):
                 raise DecodeError(source.samples[i].path or source.samples[i].id, row)
-        return (np.stack(rows).astype(np.float32) if rows  # type: ignore[arg-type]
+        return (np.stack(rows).astype(np.float32) if rows
                 else np.zeros((0, self.n_classes_), np.float32))
 
     def predict_proba(self, X: Any) -> np.ndarray:
