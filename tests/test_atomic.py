@@ -57,3 +57,22 @@ def test_new_file_mode_honours_the_umask(tmp_path: Path, write: str) -> None:
     finally:
         os.umask(old)
     assert stat.S_IMODE(target.stat().st_mode) == 0o644
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX modes")
+def test_model_files_get_the_mode_a_plain_open_would(tmp_path: Path) -> None:
+    """Model files were written 0600 (a private temp file renamed); now the umask decides."""
+    from sklearn.linear_model import LogisticRegression
+
+    from featurepipe.backbones import BackboneSpec
+    from featurepipe.model import SPEC_PARTS, save_model
+
+    head = LogisticRegression().fit([[0.0], [1.0]], [0, 1])
+    old = os.umask(0o022)
+    try:
+        path = save_model(tmp_path / "m.joblib", head, BackboneSpec("efficientnet_lite0"),
+                          ["a", "b"], "k", {name: None for name in SPEC_PARTS})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(Path(path).stat().st_mode) == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.joblib"]

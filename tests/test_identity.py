@@ -61,3 +61,27 @@ def test_model_and_store_use_one_comparison():
     check_same_spec(parts, {**parts, "dtype": "float32"}, "these")  # rounding only: accepted
     with pytest.raises(SpecMismatchError, match=r"layer: null vs \"x\""):
         check_same_spec(parts, {**parts, "layer": "x"}, "these")
+
+
+def test_store_refusal_names_the_closest_entry(tmp_path):
+    """Issue 19: "differs in" was computed against the first entry in key order."""
+    from featurepipe.embedding import refuse_other_specs
+    from featurepipe.store import FeatureStore
+
+    base = {"backbone": "a", "spec": {"name": "a"}, "layer": None, "precision": "fp32",
+            "dtype": "float32", "feature_format_version": 3}
+    near = {**base, "precision": "bf16"}
+    salt = 0
+    while True:  # a far entry that sorts first, as the old code would have picked it
+        far = {**base, "backbone": "b", "spec": {"name": "b"}, "layer": "x", "salt": salt}
+        if entry_key(far) < entry_key(near):
+            break
+        salt += 1
+    fs = FeatureStore(tmp_path / "s.h5")
+    for parts in (near, far):
+        with fs.writer(entry_key(parts), {**parts, "dim": 2}) as writer:
+            writer.commit([], [])
+    assert sorted(fs.keys())[0] == entry_key(far)
+    mine = {**base, "precision": "fp16"}
+    with pytest.raises(SpecMismatchError, match=r"backbone a; differs in: precision\)"):
+        refuse_other_specs(fs, entry_key(mine), mine)
