@@ -139,7 +139,7 @@ class ImageClassifier:
     store_key : str or None
         Feature-store entry the head was trained on.
     key_parts : mapping
-        Key parts of that entry (see :func:`featurepipe.embed.key_parts`).
+        Key parts of that entry (see :func:`featurepipe.identity.key_parts`).
     metrics, versions : dict, optional
         Evaluation and library versions recorded at save time.
     device, precision, batch_size, workers, cache, progress
