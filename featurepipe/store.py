@@ -32,7 +32,7 @@ import filelock
 import h5py
 import numpy as np
 
-from featurepipe.atomic import TEMP_NAME_PATTERN, atomic_write, fsync_dir, temp_name
+from featurepipe.atomic import TEMP_NAME_PATTERN, atomic_path, atomic_write
 from featurepipe.exceptions import ConfigError, StoreError, StoreLockedError
 from featurepipe.identity import FEATURE_FORMAT_VERSION, entry_key, featurepipe_version
 
@@ -113,14 +113,6 @@ def _check_name(what: str, name: str) -> str:
             f"{what} {name!r} is not valid: use letters, digits, '_', '-', '.' (not first)"
         )
     return name
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDWR)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _encode_attrs(attrs: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
@@ -1040,26 +1032,18 @@ class StoreWriter:
         extra: dict[str, Any],
     ) -> None:
         """Write a complete new file beside the old one, fsync it, then ``os.replace`` it."""
-        path = self.store.path
-        tmp = temp_name(path)
-        try:
-            with h5py.File(tmp, "w-", locking=False) as dst:
-                if src is not None:
-                    _copy_store(src, dst, keep)
-                dst.attrs["featurepipe_store_version"] = STORE_FORMAT_VERSION
-                dst.attrs["featurepipe_version"] = featurepipe_version()
-                group = dst.require_group("entries").create_group(self.key)
-                dim = self._output_dim(plan, shards, old)
-                _write_features(group, plan, dim, self.dtype, old_ds, shards.paths)
-                _write_index(group, plan, class_names)
-                self._write_attrs(group, old, len(plan.ids), dim, extra)
-                dst.flush()
-            _fsync_file(tmp)  # h5py has no fsync; flush + close wrote everything to the OS
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        fsync_dir(path.parent)
+        # h5py needs a file name and has no fsync: atomic_path fsyncs the closed file.
+        with atomic_path(self.store.path) as tmp, h5py.File(tmp, "w-", locking=False) as dst:
+            if src is not None:
+                _copy_store(src, dst, keep)
+            dst.attrs["featurepipe_store_version"] = STORE_FORMAT_VERSION
+            dst.attrs["featurepipe_version"] = featurepipe_version()
+            group = dst.require_group("entries").create_group(self.key)
+            dim = self._output_dim(plan, shards, old)
+            _write_features(group, plan, dim, self.dtype, old_ds, shards.paths)
+            _write_index(group, plan, class_names)
+            self._write_attrs(group, old, len(plan.ids), dim, extra)
+            dst.flush()
 
     def _output_dim(self, plan: _Plan, shards: _Shards, old: _Entry | None) -> int:
         """Feature width: from the rows used; from attrs["dim"] when there are no rows."""
