@@ -22,7 +22,7 @@ from featurepipe.compiling import CompiledExtractor
 from featurepipe.embedding.forward import Forward, prepare_model, start_forward_good
 from featurepipe.embedding.pixels import Pixels
 
-__all__ = ["Batch", "Provenance", "Runner", "Work", "build_model", "run_loader"]
+__all__ = ["Batch", "Provenance", "Runner", "Work", "run_loader"]
 
 #: One finished batch: source indices, reasons ("" = decoded), features of the good ones.
 Batch = tuple[list[int], list[str], np.ndarray]
@@ -87,11 +87,6 @@ class Runner(ABC):
         self._compiled = CompiledExtractor(module, batch_size or work.batch_size, work.device,
                                            work.precision, per_core=per_core)
         return self._compiled
-
-
-def build_model(work: Work) -> Forward:
-    """The eager network for ``work`` (tools and tests that need no runner)."""
-    return prepare_model(work.backbone, work.device)
 
 
 def run_loader(loader: Iterable[tuple[list[int], torch.Tensor, list[str]]], model: Forward,
