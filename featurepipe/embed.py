@@ -242,16 +242,29 @@ def store_attrs(parts: dict, dim: int | None, device: torch.device) -> dict:
     }
 
 
+def source_identity(given: Any, src: Any) -> str | None:
+    """What the store records as the rows' origin: ``kind:resolved path`` of a folder or file.
+
+    Path lists and arrays have none (a path list's ids are the paths themselves).
+    """
+    if isinstance(given, (str, os.PathLike)):
+        return f"{src.kind}:{os.path.realpath(os.fspath(given))}"
+    return f"{src.kind}:{src.root}" if src.root else None
+
+
 def refuse_other_specs(fs: FeatureStore, key: str, parts: dict) -> None:
-    """Stop when the store was built with another spec, naming what differs."""
+    """Stop when the store was built with another spec, naming what differs from the closest."""
     if not fs.exists():
         return
+    candidates = []
     for other in fs.keys():
         if other == key:
             continue
         theirs = fs.attrs(other)
-        differs = [name for name, value in parts.items()
-                   if _canonical(theirs.get(name)) != _canonical(value)]
+        candidates.append(([name for name, value in parts.items()
+                            if _canonical(theirs.get(name)) != _canonical(value)], theirs))
+    if candidates:
+        differs, theirs = min(candidates, key=lambda c: len(c[0]))
         raise SpecMismatchError(
             f"{fs.path} holds features made with another spec (backbone "
             f"{theirs.get('backbone', '?')}; differs in: {', '.join(differs) or 'key'}); "
@@ -663,8 +676,10 @@ def run_embed(
 
     ids = [s.id for s in src.samples]
     fps = [src.fingerprint(i, content_hash=content_hash) for i in range(len(src))]
-    with fs.writer(key, store_attrs(parts, desc.feature_dim, device), lock_timeout=lock_timeout,
-                   on_wait=say) as writer:
+    attrs = {**store_attrs(parts, desc.feature_dim, device), "source": source_identity(source, src)}
+    with fs.writer(key, attrs, lock_timeout=lock_timeout, on_wait=say,
+                   replace=other_entries == "replace") as writer:
+        writer.check_source(zip(ids, fps, strict=True), drop_missing=drop_missing)
         done = writer.existing()
         done_skipped = writer.existing_skipped()
         todo = [i for i in range(len(src))
