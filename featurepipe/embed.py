@@ -669,6 +669,7 @@ def run_embed(
     parts = key_parts(desc, policy, precision, dtype, decoder)
     key = entry_key(parts)
     fs = store if isinstance(store, FeatureStore) else FeatureStore(store)
+    fs.check_writable()
     if other_entries not in ("keep", "error", "replace"):
         raise ConfigError(f"other_entries must be keep, error or replace; got {other_entries!r}")
     if other_entries == "error":

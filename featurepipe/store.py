@@ -784,6 +784,34 @@ class FeatureStore:
 
     # -- writing ---------------------------------------------------------------------------
 
+    def check_writable(self) -> None:
+        """Fail at once when the store's folder or lock file cannot be written.
+
+        :meth:`writer` calls it; call it earlier to fail before any other work. filelock treats
+        a lock file it cannot create like one held by another process and waits for it, so
+        without this an unwritable place would look like a busy store forever.
+
+        Raises
+        ------
+        StoreError
+            Naming the folder or the lock file and why.
+        """
+        folder = self.path.parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            why = exc.strerror or str(exc)
+            raise StoreError(f"cannot create the folder {folder} for {self.path}: {why}") from exc
+        try:
+            os.close(os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644))
+        except OSError as exc:
+            raise StoreError(
+                f"cannot create the lock file {self.lock_path} ({exc.strerror or exc}); "
+                f"is {folder} a writable folder?"
+            ) from exc
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise StoreError(f"cannot write the store {self.path}: {folder} is not writable")
+
     def writer(
         self,
         key: str,
@@ -1022,7 +1050,7 @@ class StoreWriter:
     # -- lock ------------------------------------------------------------------------------
 
     def __enter__(self) -> StoreWriter:
-        self._check_folder()
+        self.store.check_writable()
         # Not thread-local: the writer object owns the lock, whichever thread ends the block.
         lock = filelock.FileLock(str(self.store.lock_path), thread_local=False)
         self._acquire(lock)
@@ -1034,29 +1062,6 @@ class StoreWriter:
             raise
         self._lock = lock
         return self
-
-    def _check_folder(self) -> None:
-        """Fail at once when the store's folder or lock file cannot be written.
-
-        filelock treats a lock file it cannot create like one held by another process and
-        waits for it, so an unwritable place would look like a busy store forever.
-        """
-        folder, lock_path = self.store.path.parent, self.store.lock_path
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            why = exc.strerror or str(exc)
-            msg = f"cannot create the folder {folder} for {self.store.path}: {why}"
-            raise StoreError(msg) from exc
-        try:
-            os.close(os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644))
-        except OSError as exc:
-            raise StoreError(
-                f"cannot create the lock file {lock_path} ({exc.strerror or exc}); "
-                f"is {folder} a writable folder?"
-            ) from exc
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise StoreError(f"cannot write the store {self.store.path}: {folder} is not writable")
 
     def _check_existing(self) -> bool:
         """Refuse to overwrite a file that is not a store; True for a damaged store to rebuild."""
@@ -1453,7 +1458,11 @@ class StoreWriter:
             "updated": now,
             "feature_format_version": FEATURE_FORMAT_VERSION,
         }
-        values, json_names = _encode_attrs({**self.attrs, **extra, **ours})
+        # a writer that knows no source (a path list) leaves the recorded one in place
+        kept = {}
+        if old is not None and {**self.attrs, **extra}.get(_SOURCE_ATTR) is None:
+            kept = {_SOURCE_ATTR: old.attrs.get(_SOURCE_ATTR)}
+        values, json_names = _encode_attrs({**self.attrs, **kept, **extra, **ours})
         values[_JSON_ATTRS] = json.dumps(sorted(json_names))
         for name, value in values.items():
             group.attrs[name] = value

@@ -806,3 +806,12 @@ def test_reading_an_old_store_with_non_finite_rows_names_them(path: Path, abc: d
         msg = str(err.value)
         assert str(path) in msg and KEY in msg and "non-finite" in msg and "'b'" in msg
     assert store.read_rows(KEY, [0]).shape == (1, 6)
+
+
+def test_writer_without_a_source_keeps_the_recorded_one(path: Path, abc: dict) -> None:
+    commit(path, [("a", "1", 0), ("b", "1", 1), ("c", "1", 0)], attrs=SRC_A)
+    commit(path, [("q", "1", 0)], [("s", ["q"], ["1"], feats(1), [])],
+           attrs={**ATTRS, "source": None}, drop_missing=False)
+    assert FeatureStore(path).attrs()["source"] == "folder:/data/cats"
+    with pytest.raises(StoreError, match="4 row"):
+        commit(path, [("d", "1", 0)], [("s", ["d"], ["1"], feats(1), [])], attrs=SRC_B)
