@@ -408,8 +408,8 @@ def _refuse_non_finite(path: Path, key: str, ids: Sequence[str], count: int) -> 
     shown = ", ".join(repr(i) for i in ids[:3]) + (", ..." if count > 3 else "")
     return StoreError(
         f"entry {key} in {path} holds non-finite features (NaN or inf) in {count} row(s), "
-        f"e.g. {shown}; re-embed with `featurepipe embed ... --replace` (rows that come out "
-        "non-finite are then skipped)"
+        f"e.g. {shown}; embed again into a new store (another --out, or delete this one): "
+        "rows that come out non-finite are now skipped"
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -103,3 +104,14 @@ def test_spec_refusal_names_what_differs_from_the_closest_entry(tmp_path):
             w.commit([("a", "1", -1)], [])
     with pytest.raises(SpecMismatchError, match=r"differs in: precision\)"):
         refuse_other_specs(store, "1111111111111111", wanted)
+
+
+def test_fit_on_an_old_store_with_nan_rows_names_store_entry_and_rows(tmp_path, capsys):
+    root, store = _folder(tmp_path / "photos", 3, 1), tmp_path / "s.h5"
+    assert _run(capsys, "embed", str(root), "--out", str(store), *TINY_ARGS)[0] == 0
+    key = FeatureStore(store).resolve_key()
+    with h5py.File(store, "r+") as f:  # as a store written before embedding skipped NaN rows
+        f[f"entries/{key}/features"][2, :] = np.nan
+    code, _, err = _run(capsys, "fit", str(store), "--out", str(tmp_path / "m.joblib"))
+    assert code == 1 and err.count("\n") == 1, err
+    assert str(store) in err and key in err and "non-finite" in err and "'x/img_002.jpg'" in err
