@@ -777,7 +777,14 @@ class FeatureStore:
                 "n_labelled": int((labels >= 0).sum()),
                 **{
                     name: attrs.get(name)
-                    for name in ("created", "updated", "versions", "preprocess", "decode_policy")
+                    for name in (
+                        "created",
+                        "updated",
+                        "versions",
+                        "preprocess",
+                        "decode_policy",
+                        "source",
+                    )
                 },
                 "entries": entries,
             }
@@ -1040,6 +1047,7 @@ class StoreWriter:
         self._on_wait = on_wait
         self._replace = bool(replace)
         self._damaged = False  # the file is a damaged store that commit() rebuilds
+        self._old: tuple[_Entry | None] | None = None  # cached by _old_entry() until commit
         self._lock: filelock.BaseFileLock | None = None
 
     @property
@@ -1051,6 +1059,7 @@ class StoreWriter:
 
     def __enter__(self) -> StoreWriter:
         self.store.check_writable()
+        self._old = None
         # Not thread-local: the writer object owns the lock, whichever thread ends the block.
         lock = filelock.FileLock(str(self.store.lock_path), thread_local=False)
         self._acquire(lock)
@@ -1124,6 +1133,12 @@ class StoreWriter:
     # -- planning --------------------------------------------------------------------------
 
     def _old_entry(self) -> _Entry | None:
+        """The committed entry, read once: only this writer's commit changes it under the lock."""
+        if self._old is None:
+            self._old = (self._read_old_entry(),)
+        return self._old[0]
+
+    def _read_old_entry(self) -> _Entry | None:
         if self._damaged or not self.store.path.exists():
             return None
         with self.store._open() as fh:
@@ -1142,9 +1157,7 @@ class StoreWriter:
         old = self._old_entry()
         return {id_: (fp, reason) for id_, fp, reason in old.skipped} if old else {}
 
-    def check_source(
-        self, rows: Iterable[tuple[str, str]], *, drop_missing: bool = True
-    ) -> None:
+    def check_source(self, rows: Iterable[tuple[str, str]], *, drop_missing: bool = True) -> None:
         """Refuse to drop rows that another source put in this entry; call before computing.
 
         The entry records its source (the ``source`` attribute, e.g. ``folder:/abs/photos``).
@@ -1342,6 +1355,7 @@ class StoreWriter:
             if changed:
                 old_ds = old_group["features"] if old_group is not None else None
                 self._write_file(src, keep, old_ds, old, plan, shards, names, extra)
+        self._old = None
         if drop_other_entries:
             shutil.rmtree(self.store.parts_path, ignore_errors=True)
         self.discard_parts()

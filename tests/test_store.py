@@ -608,12 +608,18 @@ def test_another_source_that_keeps_every_row_is_allowed(path: Path, abc: dict) -
     assert result.n_dropped == 0 and FeatureStore(path).attrs()["source"] == "folder:/data/dogs"
     # drop_missing=False keeps the other ids, so only a changed row of theirs would be lost
     rows = [("z", "1", 0)]
-    result = commit(path, rows, [("s", ["z"], ["1"], feats(1), [])], attrs=SRC_A,
-                    drop_missing=False)
+    result = commit(
+        path, rows, [("s", ["z"], ["1"], feats(1), [])], attrs=SRC_A, drop_missing=False
+    )
     assert result.n_dropped == 0 and FeatureStore(path).load().ids == ["z", "a", "b", "c"]
     with pytest.raises(StoreError, match="1 row"):
-        commit(path, [("a", "2", 0)], [("s", ["a"], ["2"], feats(1), [])], attrs=SRC_B,
-               drop_missing=False)
+        commit(
+            path,
+            [("a", "2", 0)],
+            [("s", ["a"], ["2"], feats(1), [])],
+            attrs=SRC_B,
+            drop_missing=False,
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -724,8 +730,13 @@ def test_commit_reserves_at_least_the_file_it_writes(
     for n, dim, id_len, key in [(1, 4, 1, "k1"), (700, 3, 180, "k2"), (3000, 64, 8, "k1")]:
         ids = [f"{i:0{id_len}d}" for i in range(n)]
         rows = [(i, "fp" * 20, -1) for i in ids]
-        commit(path, rows, [("s", ids, ["fp" * 20] * n, feats(n, dim), [])], key=key,
-               attrs={**ATTRS, "dtype": "float32"})
+        commit(
+            path,
+            rows,
+            [("s", ids, ["fp" * 20] * n, feats(n, dim), [])],
+            key=key,
+            attrs={**ATTRS, "dtype": "float32"},
+        )
         assert asked[-1] >= path.stat().st_size, (n, dim, id_len)
 
 
@@ -733,8 +744,11 @@ def _mount_tmpfs(folder: Path, size: str) -> None:
     if sys.platform != "linux":
         pytest.skip("a small tmpfs needs Linux")
     folder.mkdir()
-    run = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
-                         capture_output=True, text=True)
+    run = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+        capture_output=True,
+        text=True,
+    )
     if run.returncode != 0:
         pytest.skip(f"cannot mount a {size} tmpfs here (needs root): {run.stderr.strip()}")
 
@@ -749,8 +763,12 @@ def test_real_full_disk_fails_in_one_line_and_keeps_the_store(tmp_path: Path, re
     _mount_tmpfs(mnt, "2m")
     try:
         path = mnt / "s.h5"
-        run = subprocess.run([sys.executable, str(HELPER), "fill", str(path), "1500", "256",
-                              reserve], capture_output=True, text=True, timeout=120)
+        run = subprocess.run(
+            [sys.executable, str(HELPER), "fill", str(path), "1500", "256", reserve],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert run.returncode == 1, run.stderr[-2000:]
         assert run.stderr == "", run.stderr[-2000:]
         lines = run.stdout.splitlines()
@@ -786,9 +804,12 @@ def test_non_finite_rows_become_skipped_records(path: Path) -> None:
     x[1, 2], x[3, 0] = np.nan, np.inf
     big = np.full((1, 6), 1e6, np.float32)  # finite in float32, inf in a float16 store
     rows = [("a", "1", 0), ("b", "1", 1), ("c", "1", 0), ("d", "1", 1), ("e", "1", 0)]
-    result = commit(path, rows, [("s0", ["a", "b", "c", "d"], ["1"] * 4, x, []),
-                                 ("s1", ["e"], ["1"], big, [])],
-                    attrs={**ATTRS, "dtype": "float16"})
+    result = commit(
+        path,
+        rows,
+        [("s0", ["a", "b", "c", "d"], ["1"] * 4, x, []), ("s1", ["e"], ["1"], big, [])],
+        attrs={**ATTRS, "dtype": "float16"},
+    )
     loaded = FeatureStore(path).load()
     assert loaded.ids == ["a", "c"] and result.n_skipped == 3
     assert sorted(loaded.skipped) == [(i, "non-finite features") for i in ("b", "d", "e")]
@@ -799,8 +820,11 @@ def test_reading_an_old_store_with_non_finite_rows_names_them(path: Path, abc: d
         f[f"entries/{KEY}/features"][1, 0] = np.nan
         f[f"entries/{KEY}/features"][2, 3] = -np.inf
     store = FeatureStore(path)
-    for read in (store.load, lambda: list(store.iter_chunks(chunk_rows=2)),
-                 lambda: store.read_rows(KEY, [2, 1, 0])):
+    for read in (
+        store.load,
+        lambda: list(store.iter_chunks(chunk_rows=2)),
+        lambda: store.read_rows(KEY, [2, 1, 0]),
+    ):
         with pytest.raises(StoreError) as err:
             read()
         msg = str(err.value)
@@ -810,8 +834,13 @@ def test_reading_an_old_store_with_non_finite_rows_names_them(path: Path, abc: d
 
 def test_writer_without_a_source_keeps_the_recorded_one(path: Path, abc: dict) -> None:
     commit(path, [("a", "1", 0), ("b", "1", 1), ("c", "1", 0)], attrs=SRC_A)
-    commit(path, [("q", "1", 0)], [("s", ["q"], ["1"], feats(1), [])],
-           attrs={**ATTRS, "source": None}, drop_missing=False)
+    commit(
+        path,
+        [("q", "1", 0)],
+        [("s", ["q"], ["1"], feats(1), [])],
+        attrs={**ATTRS, "source": None},
+        drop_missing=False,
+    )
     assert FeatureStore(path).attrs()["source"] == "folder:/data/cats"
     with pytest.raises(StoreError, match="4 row"):
         commit(path, [("d", "1", 0)], [("s", ["d"], ["1"], feats(1), [])], attrs=SRC_B)

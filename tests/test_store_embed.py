@@ -45,8 +45,9 @@ def test_second_folder_into_one_store_never_drops_the_first(tmp_path, capsys):
     code, out, _ = _run(capsys, "embed", str(first), "--out", store, *TINY_ARGS, "--json")
     assert code == 0 and (json.loads(out)["n_dropped"], json.loads(out)["n_rows"]) == (1, 5)
 
-    code, out, _ = _run(capsys, "embed", str(second), "--out", store, *TINY_ARGS, "--replace",
-                        "--json")
+    code, out, _ = _run(
+        capsys, "embed", str(second), "--out", store, *TINY_ARGS, "--replace", "--json"
+    )
     assert code == 0 and json.loads(out)["n_rows"] == 4  # 2 ids dropped, 3 re-embedded
     assert FeatureStore(store).attrs()["source"] == "folder:" + str(second.resolve())
 
@@ -60,8 +61,9 @@ def test_embed_replace_rebuilds_a_damaged_store(tmp_path, capsys, damage):
     store.write_bytes(damaged)
     code, _, err = _run(capsys, "embed", str(root), "--out", str(store), *TINY_ARGS)
     assert code == 1 and "damaged featurepipe store" in err and "--replace" in err
-    code, out, _ = _run(capsys, "embed", str(root), "--out", str(store), *TINY_ARGS, "--replace",
-                        "--json")
+    code, out, _ = _run(
+        capsys, "embed", str(root), "--out", str(store), *TINY_ARGS, "--replace", "--json"
+    )
     assert code == 0 and json.loads(out)["n_rows"] == 4
     assert len(FeatureStore(store).load().ids) == 4
 
@@ -73,21 +75,30 @@ def test_unwritable_out_fails_at_once_in_one_line(tmp_path, capsys):
     if Path("/proc/self").is_dir():
         places.append("/proc/featurepipe-test.h5")
     for out in places:  # the lock timeout would turn a wait into "still being written"
-        code, _, err = _run(capsys, "embed", str(root), "--out", out, *TINY_ARGS,
-                            "--lock-timeout", "3")
+        code, _, err = _run(
+            capsys, "embed", str(root), "--out", out, *TINY_ARGS, "--lock-timeout", "3"
+        )
         assert code == 1 and err.count("\n") == 1 and "cannot create the" in err, err
         assert "another process" not in err
 
 
 def test_nan_weights_give_skipped_rows_not_nan_features(tmp_path):
     root = _folder(tmp_path / "photos", 2, 1)
-    backbone = load_backbone(resolve_spec(TINY["backbone"], weights="random",
-                                          image_size=TINY["image_size"]))
+    backbone = load_backbone(
+        resolve_spec(TINY["backbone"], weights="random", image_size=TINY["image_size"])
+    )
     with torch.no_grad():
         for p in backbone.model.parameters():
             p.fill_(float("nan"))
-    report = embed(root, tmp_path / "s.h5", **TINY, precision="fp32", progress=False, workers=0,
-                   loaded_backbone=backbone)
+    report = embed(
+        root,
+        tmp_path / "s.h5",
+        **TINY,
+        precision="fp32",
+        progress=False,
+        workers=0,
+        loaded_backbone=backbone,
+    )
     assert (report.n_rows, report.n_skipped) == (0, 4)
     assert {reason for _, reason in report.skipped} == {"non-finite features"}
 
@@ -95,8 +106,13 @@ def test_nan_weights_give_skipped_rows_not_nan_features(tmp_path):
 def test_spec_refusal_names_what_differs_from_the_closest_entry(tmp_path):
     store = FeatureStore(tmp_path / "s.h5")
     wanted = {"backbone": "net", "layer": None, "precision": "bf16", "spec": {"name": "net"}}
-    far = {**wanted, "backbone": "other", "layer": "l1", "precision": "fp32",
-           "spec": {"name": "other"}}
+    far = {
+        **wanted,
+        "backbone": "other",
+        "layer": "l1",
+        "precision": "fp32",
+        "spec": {"name": "other"},
+    }
     near = {**wanted, "precision": "fp32"}
     for key, attrs in (("0000000000000000", far), ("ffffffffffffffff", near)):
         with store.writer(key, {"dtype": "float32", **attrs}) as w:  # far comes first by key
