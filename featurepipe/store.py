@@ -313,7 +313,7 @@ _OUR_MARKERS = (b"featurepipe_store_version", b"skipped_fingerprints", b"feature
 _MARKER_SCAN = 1 << 20  # bytes read at each end of a file that cannot be opened
 _NON_FINITE = "non-finite features"  # skipped reason of rows that came out NaN or inf
 _SOURCE_ATTR = "source"  # entry attribute: where the rows came from (see StoreWriter.check_source)
-_SPACE_SLACK = 1 << 20  # bytes added to a commit's size estimate for HDF5's own metadata
+_SPACE_SLACK = 1 << 18  # bytes added to a commit's size estimate for HDF5's own metadata
 
 
 @dataclass(frozen=True)
