@@ -656,6 +656,8 @@ def run_embed(
     """
     t0 = time.perf_counter() if t0 is None else t0
     say = log or (lambda _msg: None)
+    fs = store if isinstance(store, FeatureStore) else FeatureStore(store)
+    fs.check_writable()  # before scanning the source or loading anything
     src = open_source(source, labels=labels)
     policy = decode_policy or DecodePolicy()
     # The key needs only the weights hash and preprocessing: a cached rerun never builds the net.
@@ -668,8 +670,6 @@ def run_embed(
         desc = loaded_backbone
     parts = key_parts(desc, policy, precision, dtype, decoder)
     key = entry_key(parts)
-    fs = store if isinstance(store, FeatureStore) else FeatureStore(store)
-    fs.check_writable()
     if other_entries not in ("keep", "error", "replace"):
         raise ConfigError(f"other_entries must be keep, error or replace; got {other_entries!r}")
     if other_entries == "error":
