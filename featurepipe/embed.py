@@ -693,6 +693,7 @@ def run_embed(
         if n_pending:
             bb = loaded_backbone or load_backbone(desc.spec)
             writer.attrs["dim"] = bb.feature_dim
+            writer.check_space(len(src), n_pending)
             job = EmbedJob(src, bb, policy, device, precision, dtype, batch_size, on_error,
                            ids, fps, decoder)
             compute(job, shards, writer)

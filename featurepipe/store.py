@@ -1204,6 +1204,32 @@ class StoreWriter:
                 "(other_entries='replace') to drop them, or embed into another --out to keep both"
             )
 
+    def check_space(self, n_rows: int, n_new: int) -> None:
+        """Refuse to start work that clearly cannot be committed for lack of disk space.
+
+        Until the commit ends, the shards of the ``n_new`` rows to compute and the new store
+        file of ``n_rows`` rows exist beside the old file. Only their features are counted (a
+        lower bound), so a disk this refuses is certainly too full; the commit checks again
+        with the exact size. Does nothing while ``attrs["dim"]`` is unknown.
+
+        Raises
+        ------
+        StoreError
+            "no space left on device", naming the store, the space needed and the space free.
+        """
+        self._require_lock()
+        dim = self.attrs.get("dim")
+        if dim is None:
+            return
+        need = (int(n_rows) + int(n_new)) * int(dim) * np.dtype(self.dtype).itemsize
+        free = shutil.disk_usage(self.store.path.parent).free
+        if need > free:
+            raise StoreError(
+                f"cannot write store {self.store.path}: no space left on device (the features "
+                f"alone need {need / 2**20:.1f} MiB in {self.store.path.parent}, "
+                f"{free / 2**20:.1f} MiB free); free some space or choose another --out"
+            )
+
     def shard_done(self, name: str) -> bool:
         """Whether shard ``name`` is already on disk (from this run or a killed earlier one)."""
         return (self.parts_dir / f"{_check_name('shard name', name)}.npz").is_file()

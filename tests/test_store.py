@@ -848,3 +848,20 @@ def test_writer_without_a_source_keeps_the_recorded_one(path: Path, abc: dict) -
     assert FeatureStore(path).attrs()["source"] == "folder:/data/cats"
     with pytest.raises(StoreError, match="4 row"):
         commit(path, [("d", "1", 0)], [("s", ["d"], ["1"], feats(1), [])], attrs=SRC_B)
+
+
+def test_work_that_cannot_fit_is_refused_before_it_starts(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import featurepipe.store as store_mod
+
+    usage = store_mod.shutil.disk_usage(path.parent)
+    monkeypatch.setattr(store_mod.shutil, "disk_usage", lambda _p: usage._replace(free=3 * 100 * 4))
+    with FeatureStore(path).writer(KEY, {**ATTRS, "dim": 100}, lock_timeout=0) as w:
+        w.check_space(2, 1)  # 2 rows in the store, 1 of them new: 1,200 bytes of features
+        with pytest.raises(StoreError) as err:
+            w.check_space(3, 0)  # a store of 3 rows and no shard would fit...
+            w.check_space(3, 1)  # ...with one more shard row it does not
+    msg = str(err.value)
+    assert msg.startswith(f"cannot write store {path}: no space left on device")
+    assert "MiB free" in msg and "--out" in msg

@@ -13,7 +13,7 @@ import torch
 from featurepipe.backbones import load_backbone, resolve_spec
 from featurepipe.cli import main
 from featurepipe.embed import embed, refuse_other_specs
-from featurepipe.exceptions import SpecMismatchError
+from featurepipe.exceptions import SpecMismatchError, StoreError
 from featurepipe.store import FeatureStore
 from tests.helpers import TINY, write_good_images
 from tests.test_cli import TINY_ARGS
@@ -131,3 +131,14 @@ def test_fit_on_an_old_store_with_nan_rows_names_store_entry_and_rows(tmp_path, 
     code, _, err = _run(capsys, "fit", str(store), "--out", str(tmp_path / "m.joblib"))
     assert code == 1 and err.count("\n") == 1, err
     assert str(store) in err and key in err and "non-finite" in err and "'x/img_002.jpg'" in err
+
+
+def test_embed_that_cannot_fit_fails_before_computing(tmp_path, monkeypatch):
+    import featurepipe.store as store_mod
+
+    root, store = _folder(tmp_path / "photos", 2, 1), tmp_path / "s.h5"
+    usage = store_mod.shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(store_mod.shutil, "disk_usage", lambda _p: usage._replace(free=1000))
+    with pytest.raises(StoreError, match="no space left on device"):
+        embed(root, store, **TINY, precision="fp32", progress=False, workers=0)
+    assert not FeatureStore(store).parts_path.exists() and not store.exists()
