@@ -14,7 +14,6 @@ nothing but failures on filesystems without ``flock`` (NFS, some container mount
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -37,6 +36,14 @@ import numpy as np
 
 import featurepipe
 from featurepipe.exceptions import ConfigError, StoreError, StoreLockedError
+from featurepipe.store_checks import (
+    NON_FINITE_REASON,
+    diagnose,
+    non_finite_error,
+    non_finite_rows,
+    reserve,
+    write_error,
+)
 
 __all__ = [
     "FEATURE_FORMAT_VERSION",
@@ -303,58 +310,10 @@ class _Entry:
 
 
 # --------------------------------------------------------------------------------------------
-# damaged files, disk space, non-finite rows
+# source, disk space, damaged files (the checks themselves are in store_checks)
 
-_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
-# Names only a featurepipe store holds: the root attribute sits near the start of the file, the
-# entries' index and attributes near the end, so a truncated file keeps the first and a file
-# whose header was overwritten keeps the others.
-_OUR_MARKERS = (b"featurepipe_store_version", b"skipped_fingerprints", b"feature_format_version")
-_MARKER_SCAN = 1 << 20  # bytes read at each end of a file that cannot be opened
-_NON_FINITE = "non-finite features"  # skipped reason of rows that came out NaN or inf
 _SOURCE_ATTR = "source"  # entry attribute: where the rows came from (see StoreWriter.check_source)
 _SPACE_SLACK = 1 << 18  # bytes added to a commit's size estimate for HDF5's own metadata
-
-
-@dataclass(frozen=True)
-class _Diagnosis:
-    """Why a file cannot be opened as a store, and whether ``replace`` may rebuild it."""
-
-    message: str
-    ours: bool
-
-
-def _diagnose(path: Path, error: Exception) -> _Diagnosis:
-    """Tell a damaged store (rebuildable) from a foreign file (never overwritten)."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as fh:
-            head = fh.read(_MARKER_SCAN)
-            fh.seek(max(len(head), size - _MARKER_SCAN))
-            tail = fh.read(_MARKER_SCAN)
-    except OSError as exc:
-        return _Diagnosis(f"{path} cannot be read ({exc.strerror or exc})", ours=False)
-    hdf5 = any(head.startswith(_HDF5_SIGNATURE, k) for k in (0, 512, 1024, 2048, 4096))
-    ours = any(marker in head or marker in tail for marker in _OUR_MARKERS)
-    if ours:
-        what = "truncated or corrupt HDF5" if hdf5 else "HDF5 header missing or overwritten"
-        return _Diagnosis(
-            f"{path} is a damaged featurepipe store ({what}: {error}); "
-            "`featurepipe embed ... --replace` rebuilds it",
-            ours=True,
-        )
-    if hdf5:
-        return _Diagnosis(
-            f"{path} is a damaged HDF5 file that does not look like a featurepipe store "
-            f"({error}); not overwriting it: move it away or pick another path",
-            ours=False,
-        )
-    kind = "empty file" if size == 0 else f"starts with {head[:8]!r}"
-    return _Diagnosis(
-        f"{path} is not a featurepipe store (not an HDF5 file: {kind}); "
-        "not overwriting it: move it away or pick another path",
-        ours=False,
-    )
 
 
 class _UnreadableStoreError(StoreError):
@@ -363,54 +322,6 @@ class _UnreadableStoreError(StoreError):
     def __init__(self, message: str, *, ours: bool) -> None:
         super().__init__(message)
         self.ours = ours
-
-
-def _io_error(what: str, path: Path, exc: BaseException) -> StoreError:
-    """One line for a failed write: the path, and "no space left on device" when that is why."""
-    no_space = getattr(exc, "errno", None) == errno.ENOSPC or "errno = 28" in str(exc)
-    why = "no space left on device" if no_space else (getattr(exc, "strerror", None) or str(exc))
-    return StoreError(f"cannot write {what} {path}: {why}")
-
-
-def _reserve(path: Path, nbytes: int) -> None:
-    """Allocate ``nbytes`` for ``path`` before HDF5 writes a byte of it.
-
-    HDF5 buffers writes and meets a full disk only when it flushes; after a failed flush it
-    cannot close the file cleanly and crashes the process later (at the next flush or at exit).
-    With the space allocated up front the disk is full here, before HDF5 starts, or not at all.
-    """
-    fd = os.open(path, os.O_RDWR)
-    try:
-        fallocate = getattr(os, "posix_fallocate", None)
-        if fallocate is not None:
-            try:
-                fallocate(fd, 0, nbytes)
-                return
-            except OSError as exc:
-                if exc.errno == errno.ENOSPC:
-                    raise
-        # no preallocation here (macOS, Windows, some network filesystems): compare instead
-        if shutil.disk_usage(path.parent).free < nbytes:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-    finally:
-        os.close(fd)
-
-
-def _non_finite_rows(block: np.ndarray) -> np.ndarray:
-    """Boolean mask of the rows holding a NaN or an infinity."""
-    if block.size == 0:
-        return np.zeros(len(block), dtype=bool)
-    return ~np.isfinite(block).all(axis=1)
-
-
-def _refuse_non_finite(path: Path, key: str, ids: Sequence[str], count: int) -> StoreError:
-    """The error for rows a head cannot fit on, naming the first few."""
-    shown = ", ".join(repr(i) for i in ids[:3]) + (", ..." if count > 3 else "")
-    return StoreError(
-        f"entry {key} in {path} holds non-finite features (NaN or inf) in {count} row(s), "
-        f"e.g. {shown}; embed again into a new store (another --out, or delete this one): "
-        "rows that come out non-finite are now skipped"
-    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -458,7 +369,7 @@ class FeatureStore:
         try:
             fh = h5py.File(self.path, "r", locking=False)
         except OSError as exc:
-            diagnosis = _diagnose(self.path, exc)
+            diagnosis = diagnose(self.path, exc)
             raise _UnreadableStoreError(diagnosis.message, ours=diagnosis.ours) from exc
         with fh:
             version = fh.attrs.get("featurepipe_store_version")
@@ -578,11 +489,11 @@ class FeatureStore:
             for start in range(0, ds.shape[0], _READ_BLOCK):
                 block = features[start : start + _READ_BLOCK]
                 block[...] = ds[start : start + _READ_BLOCK]
-                bad[start : start + len(block)] = _non_finite_rows(block)
+                bad[start : start + len(block)] = non_finite_rows(block)
             if bad.any():
                 rows = np.flatnonzero(bad)
                 ids = _read_strings(group["ids"], rows[:3])
-                raise _refuse_non_finite(self.path, key, ids, len(rows))
+                raise non_finite_error(self.path, key, ids, len(rows))
             skipped = zip(
                 _read_strings(group["skipped_ids"]),
                 _read_strings(group["skipped_reasons"]),
@@ -635,10 +546,10 @@ class FeatureStore:
                 stop = min(n, start + chunk_rows)
                 features = np.asarray(ds[start:stop], dtype=dtype)
                 ids = _read_strings(group["ids"], np.s_[start:stop])
-                bad = _non_finite_rows(features)
+                bad = non_finite_rows(features)
                 if bad.any():
                     rows = np.flatnonzero(bad)
-                    raise _refuse_non_finite(self.path, key, [ids[r] for r in rows], len(rows))
+                    raise non_finite_error(self.path, key, [ids[r] for r in rows], len(rows))
                 yield FeatureChunk(
                     features=features,
                     labels=group["labels"][start:stop].astype(np.int64),
@@ -704,11 +615,11 @@ class FeatureStore:
             if not idx.size:
                 return np.empty((0, ds.shape[1]), dtype=dtype)
             out = _gather(ds, idx, dtype)
-            bad = _non_finite_rows(out)
+            bad = non_finite_rows(out)
             if bad.any():
                 bad_rows = np.unique(idx[bad])
                 ids = _read_strings(group["ids"], bad_rows[:3])
-                raise _refuse_non_finite(self.path, key, ids, len(bad_rows))
+                raise non_finite_error(self.path, key, ids, len(bad_rows))
             return out
 
     def _check_ids(
@@ -1283,9 +1194,9 @@ class StoreWriter:
         skips = [(str(i), str(f), str(r)) for i, f, r in skipped]
         with np.errstate(over="ignore"):  # float16 overflow gives inf, caught just below
             feats = feats.astype(self.dtype, copy=False)
-        bad = _non_finite_rows(feats)
+        bad = non_finite_rows(feats)
         if bad.any():
-            skips += [(ids[r], fps[r], _NON_FINITE) for r in np.flatnonzero(bad)]
+            skips += [(ids[r], fps[r], NON_FINITE_REASON) for r in np.flatnonzero(bad)]
             keep = np.flatnonzero(~bad)
             ids, fps, feats = [ids[r] for r in keep], [fps[r] for r in keep], feats[keep]
         arrays = {
@@ -1302,7 +1213,7 @@ class StoreWriter:
             self.parts_dir.mkdir(parents=True, exist_ok=True)
             _atomic_write(target, lambda fh: np.savez(fh, **arrays))
         except OSError as exc:  # the temp file is gone; earlier shards stay for a rerun
-            raise _io_error("shard", target, exc) from exc
+            raise write_error("shard", target, exc) from exc
 
     def discard_parts(self) -> None:
         """Delete this key's uncommitted shards (and the parts folder once empty)."""
@@ -1414,9 +1325,9 @@ class StoreWriter:
         try:
             with h5py.File(tmp, "w-", locking=False):
                 pass
-            _reserve(tmp, need)
+            reserve(tmp, need)
             # No chunk cache: each block reaches the OS when written, so a failed write raises
-            # right there and the file still closes cleanly (see _reserve).
+            # right there and the file still closes cleanly (see store_checks.reserve).
             with h5py.File(tmp, "r+", locking=False, rdcc_nbytes=0) as dst:
                 if src is not None:
                     _copy_store(src, dst, keep)
@@ -1434,7 +1345,7 @@ class StoreWriter:
             raise
         except (OSError, RuntimeError) as exc:  # h5py reports failed writes as either
             tmp.unlink(missing_ok=True)
-            error = _io_error("store", path, exc)
+            error = write_error("store", path, exc)
             if "no space left" in str(error):
                 free = shutil.disk_usage(path.parent).free
                 error = StoreError(

@@ -89,7 +89,7 @@ def main(argv: list[str]) -> None:
     elif mode == "fill":
         n, dim = int(argv[2]), int(argv[3])
         if argv[4] == "noreserve":  # let HDF5 itself meet the full disk
-            featurepipe.store._reserve = lambda path, nbytes: None  # type: ignore[attr-defined]
+            featurepipe.store.reserve = lambda path, nbytes: None
         commit_variant(path, KEY_B, 100, dim, 1, 0)
         print("small committed", flush=True)
         try:

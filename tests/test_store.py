@@ -693,17 +693,17 @@ def test_full_disk_while_writing_a_shard_names_it(
     assert str(err.value) == f"cannot write shard {target}: no space left on device"
 
 
-@pytest.mark.parametrize("where", ["_reserve", "_write_features"])
+@pytest.mark.parametrize("where", ["reserve", "_write_features"])
 def test_full_disk_while_committing_keeps_the_old_store(
     path: Path, abc: dict, monkeypatch: pytest.MonkeyPatch, where: str
 ) -> None:
     import featurepipe.store as store_mod
 
     before = path.read_bytes()
-    target = "posix_fallocate" if where == "_reserve" else where
+    target = "posix_fallocate" if where == "reserve" else where
     with FeatureStore(path).writer(KEY, ATTRS, lock_timeout=0) as w:
         w.write_shard("s1", ["a"], ["2"], feats(1))
-        monkeypatch.setattr(store_mod.os if where == "_reserve" else store_mod, target, _no_space)
+        monkeypatch.setattr(store_mod.os if where == "reserve" else store_mod, target, _no_space)
         with pytest.raises(StoreError) as err:
             w.commit([("a", "2", 0)], CLASSES)
         monkeypatch.undo()
@@ -720,13 +720,13 @@ def test_commit_reserves_at_least_the_file_it_writes(
 ) -> None:
     import featurepipe.store as store_mod
 
-    reserve, asked = store_mod._reserve, []
+    reserve, asked = store_mod.reserve, []
 
     def record(tmp: Path, nbytes: int) -> None:
         asked.append(nbytes)
         reserve(tmp, nbytes)
 
-    monkeypatch.setattr(store_mod, "_reserve", record)
+    monkeypatch.setattr(store_mod, "reserve", record)
     cases = [
         (1, 4, 1, "float32", "k1"),
         (10, 1280, 30, "float16", "k2"),  # fixed HDF5 overhead dominates
