@@ -183,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds to wait for another writer of the same store (0 = fail at once)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--replace", action="store_true",
-                       help="drop features made with another spec from the store")
+                       help="drop features made with another spec or from another source "
+                            "folder from the store; rebuild a damaged store")
     group.add_argument("--add-entry", action="store_true",
                        help="keep features made with another spec beside the new ones")
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],

@@ -21,7 +21,7 @@ import shutil
 import zipfile
 from array import array
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -35,6 +35,14 @@ import numpy as np
 from featurepipe.atomic import TEMP_NAME_PATTERN, atomic_path, atomic_write
 from featurepipe.exceptions import ConfigError, StoreError, StoreLockedError
 from featurepipe.identity import FEATURE_FORMAT_VERSION, entry_key, featurepipe_version
+from featurepipe.store_checks import (
+    NON_FINITE_REASON,
+    diagnose,
+    non_finite_error,
+    non_finite_rows,
+    reserve,
+    write_error,
+)
 
 __all__ = [
     "FEATURE_FORMAT_VERSION",
@@ -233,6 +241,21 @@ class _Entry:
 
 
 # --------------------------------------------------------------------------------------------
+# source, disk space, damaged files (the checks themselves are in store_checks)
+
+_SOURCE_ATTR = "source"  # entry attribute: where the rows came from (see StoreWriter.check_source)
+_SPACE_SLACK = 1 << 18  # bytes added to a commit's size estimate for HDF5's own metadata
+
+
+class _UnreadableStoreError(StoreError):
+    """The file cannot be opened; ``ours`` says whether it is a damaged featurepipe store."""
+
+    def __init__(self, message: str, *, ours: bool) -> None:
+        super().__init__(message)
+        self.ours = ours
+
+
+# --------------------------------------------------------------------------------------------
 # reader
 
 
@@ -277,8 +300,8 @@ class FeatureStore:
         try:
             fh = h5py.File(self.path, "r", locking=False)
         except OSError as exc:
-            msg = f"{self.path} is not a featurepipe store (not an HDF5 file: {exc})"
-            raise StoreError(msg) from exc
+            diagnosis = diagnose(self.path, exc)
+            raise _UnreadableStoreError(diagnosis.message, ours=diagnosis.ours) from exc
         with fh:
             version = fh.attrs.get("featurepipe_store_version")
             if version is None:
@@ -381,14 +404,27 @@ class FeatureStore:
         Returns
         -------
         FeatureSet
+
+        Raises
+        ------
+        StoreError
+            The entry holds non-finite rows (a store written before embedding skipped them):
+            the message names the store, the entry and the first ids.
         """
         with self._open() as fh:
             key = self._resolve(fh, key)
             group = fh["entries"][key]
             ds = group["features"]
             features = np.empty(ds.shape, dtype=ds.dtype if dtype is None else dtype)
+            bad = np.zeros(ds.shape[0], dtype=bool)
             for start in range(0, ds.shape[0], _READ_BLOCK):
-                features[start : start + _READ_BLOCK] = ds[start : start + _READ_BLOCK]
+                block = features[start : start + _READ_BLOCK]
+                block[...] = ds[start : start + _READ_BLOCK]
+                bad[start : start + len(block)] = non_finite_rows(block)
+            if bad.any():
+                rows = np.flatnonzero(bad)
+                ids = _read_strings(group["ids"], rows[:3])
+                raise non_finite_error(self.path, key, ids, len(rows))
             skipped = zip(
                 _read_strings(group["skipped_ids"]),
                 _read_strings(group["skipped_reasons"]),
@@ -425,6 +461,8 @@ class FeatureStore:
         -------
         Iterator[FeatureChunk]
             Lazy: the file is opened (and a missing store reported) on the first ``next()``.
+            A chunk with non-finite rows raises :class:`StoreError` naming them (see
+            :meth:`load`).
         """
         if int(chunk_rows) < 1:
             raise ConfigError(f"chunk_rows must be a positive integer; got {chunk_rows!r}")
@@ -432,14 +470,21 @@ class FeatureStore:
 
     def _iter_chunks(self, key: str | None, chunk_rows: int, dtype: Any) -> Iterator[FeatureChunk]:
         with self._open() as fh:
-            group = fh["entries"][self._resolve(fh, key)]
+            key = self._resolve(fh, key)
+            group = fh["entries"][key]
             ds, n = group["features"], group["features"].shape[0]
             for start in range(0, n, chunk_rows):
                 stop = min(n, start + chunk_rows)
+                features = np.asarray(ds[start:stop], dtype=dtype)
+                ids = _read_strings(group["ids"], np.s_[start:stop])
+                bad = non_finite_rows(features)
+                if bad.any():
+                    rows = np.flatnonzero(bad)
+                    raise non_finite_error(self.path, key, [ids[r] for r in rows], len(rows))
                 yield FeatureChunk(
-                    features=np.asarray(ds[start:stop], dtype=dtype),
+                    features=features,
                     labels=group["labels"][start:stop].astype(np.int64),
-                    ids=_read_strings(group["ids"], np.s_[start:stop]),
+                    ids=ids,
                     start=start,
                 )
 
@@ -500,7 +545,13 @@ class FeatureStore:
                 self._check_ids(group, idx, expected_ids, key)
             if not idx.size:
                 return np.empty((0, ds.shape[1]), dtype=dtype)
-            return _gather(ds, idx, dtype)
+            out = _gather(ds, idx, dtype)
+            bad = non_finite_rows(out)
+            if bad.any():
+                bad_rows = np.unique(idx[bad])
+                ids = _read_strings(group["ids"], bad_rows[:3])
+                raise non_finite_error(self.path, key, ids, len(bad_rows))
+            return out
 
     def _check_ids(
         self, group: h5py.Group, idx: np.ndarray, expected: Sequence[str], key: str
@@ -568,12 +619,47 @@ class FeatureStore:
                 "n_labelled": int((labels >= 0).sum()),
                 **{
                     name: attrs.get(name)
-                    for name in ("created", "updated", "versions", "preprocess", "decode_policy")
+                    for name in (
+                        "created",
+                        "updated",
+                        "versions",
+                        "preprocess",
+                        "decode_policy",
+                        "source",
+                    )
                 },
                 "entries": entries,
             }
 
     # -- writing ---------------------------------------------------------------------------
+
+    def check_writable(self) -> None:
+        """Fail at once when the store's folder or lock file cannot be written.
+
+        :meth:`writer` calls it; call it earlier to fail before any other work. filelock treats
+        a lock file it cannot create like one held by another process and waits for it, so
+        without this an unwritable place would look like a busy store forever.
+
+        Raises
+        ------
+        StoreError
+            Naming the folder or the lock file and why.
+        """
+        folder = self.path.parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            why = exc.strerror or str(exc)
+            raise StoreError(f"cannot create the folder {folder} for {self.path}: {why}") from exc
+        try:
+            os.close(os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644))
+        except OSError as exc:
+            raise StoreError(
+                f"cannot create the lock file {self.lock_path} ({exc.strerror or exc}); "
+                f"is {folder} a writable folder?"
+            ) from exc
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise StoreError(f"cannot write the store {self.path}: {folder} is not writable")
 
     def writer(
         self,
@@ -582,6 +668,7 @@ class FeatureStore:
         *,
         lock_timeout: float = 3600.0,
         on_wait: Callable[[str], None] | None = None,
+        replace: bool = False,
     ) -> StoreWriter:
         """A context manager that holds the store's write lock.
 
@@ -596,6 +683,10 @@ class FeatureStore:
             Seconds to wait for another writer; 0 fails at once, negative waits forever.
         on_wait : callable, optional
             Called once with a message when the lock is busy and we start waiting.
+        replace : bool
+            Allow what ``embed --replace`` allows: rebuild a damaged store (only one
+            recognisably written by featurepipe; any other file is still refused) and let
+            :meth:`StoreWriter.commit` drop rows recorded from another source.
 
         Returns
         -------
@@ -607,7 +698,9 @@ class FeatureStore:
         ...     w.write_shard("shard-0", ["a"], ["fp"], np.zeros((1, 4), np.float32))
         ...     w.commit([("a", "fp", -1)], [])
         """
-        return StoreWriter(self, key, attrs, lock_timeout=lock_timeout, on_wait=on_wait)
+        return StoreWriter(
+            self, key, attrs, lock_timeout=lock_timeout, on_wait=on_wait, replace=replace
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -785,6 +878,7 @@ class StoreWriter:
         *,
         lock_timeout: float = 3600.0,
         on_wait: Callable[[str], None] | None = None,
+        replace: bool = False,
     ) -> None:
         self.store = store
         self.key = _check_name("entry key", key)
@@ -793,6 +887,9 @@ class StoreWriter:
         _encode_attrs(self.attrs)  # fail early on attributes HDF5 cannot hold
         self._lock_timeout = float(lock_timeout)
         self._on_wait = on_wait
+        self._replace = bool(replace)
+        self._damaged = False  # the file is a damaged store that commit() rebuilds
+        self._old: tuple[_Entry | None] | None = None  # cached by _old_entry() until commit
         self._lock: filelock.BaseFileLock | None = None
 
     @property
@@ -803,20 +900,33 @@ class StoreWriter:
     # -- lock ------------------------------------------------------------------------------
 
     def __enter__(self) -> StoreWriter:
-        self.store.path.parent.mkdir(parents=True, exist_ok=True)
+        self.store.check_writable()
+        self._old = None
         # Not thread-local: the writer object owns the lock, whichever thread ends the block.
         lock = filelock.FileLock(str(self.store.lock_path), thread_local=False)
         self._acquire(lock)
         try:
-            if self.store.path.exists():
-                with self.store._open():  # refuse to overwrite something that is not a store
-                    pass
+            self._damaged = self._check_existing()
             self._remove_stale_tmp()
         except BaseException:
             lock.release()
             raise
         self._lock = lock
         return self
+
+    def _check_existing(self) -> bool:
+        """Refuse to overwrite a file that is not a store; True for a damaged store to rebuild."""
+        if not self.store.path.exists():
+            return False
+        try:
+            with self.store._open():
+                return False
+        except _UnreadableStoreError as exc:
+            if not (self._replace and exc.ours):
+                raise
+        if self._on_wait is not None:
+            self._on_wait(f"{self.store.path} is a damaged store; rebuilding it (replace)")
+        return True
 
     def __exit__(self, *exc: object) -> None:
         if self._lock is not None:
@@ -865,7 +975,13 @@ class StoreWriter:
     # -- planning --------------------------------------------------------------------------
 
     def _old_entry(self) -> _Entry | None:
-        if not self.store.path.exists():
+        """The committed entry, read once: only this writer's commit changes it under the lock."""
+        if self._old is None:
+            self._old = (self._read_old_entry(),)
+        return self._old[0]
+
+    def _read_old_entry(self) -> _Entry | None:
+        if self._damaged or not self.store.path.exists():
             return None
         with self.store._open() as fh:
             group = fh.get(f"entries/{self.key}")
@@ -882,6 +998,80 @@ class StoreWriter:
         self._require_lock()
         old = self._old_entry()
         return {id_: (fp, reason) for id_, fp, reason in old.skipped} if old else {}
+
+    def check_source(self, rows: Iterable[tuple[str, str]], *, drop_missing: bool = True) -> None:
+        """Refuse to drop rows that another source put in this entry; call before computing.
+
+        The entry records its source (the ``source`` attribute, e.g. ``folder:/abs/photos``).
+        A commit from the same source drops the rows of deleted files, as it should; one from
+        a different source would silently turn the entry into a copy of the new folder, so it
+        is refused unless the writer was opened with ``replace=True``. Entries without a
+        recorded source, or writers without one, are not checked.
+
+        Parameters
+        ----------
+        rows : iterable of (id, fingerprint)
+            The whole new source.
+        drop_missing : bool
+            As in :meth:`commit`: whether old ids missing from ``rows`` would be dropped.
+
+        Raises
+        ------
+        StoreError
+            Naming how many rows would be lost, both sources, and ``--replace``.
+        """
+        self._require_lock()
+        self._refuse_lost_rows(self._old_entry(), rows, drop_missing, self.attrs)
+
+    def _refuse_lost_rows(
+        self,
+        old: _Entry | None,
+        rows: Iterable[tuple[str, str]],
+        drop_missing: bool,
+        attrs: Mapping[str, Any],
+    ) -> None:
+        theirs, ours = (old.attrs.get(_SOURCE_ATTR) if old else None), attrs.get(_SOURCE_ATTR)
+        if self._replace or old is None or not theirs or not ours or theirs == ours:
+            return
+        new = dict(rows)
+        # lost: dropped (missing from the new source) or replaced (same id, other content)
+        lost = sum(
+            new.get(id_, None if drop_missing else fp) != fp
+            for id_, fp in zip(old.ids, old.fps, strict=True)
+        )
+        if lost:
+            raise StoreError(
+                f"entry {self.key} in {self.store.path} holds {lost} row(s) from {theirs} that "
+                f"{ours} does not have; committing would drop them. Rerun with --replace "
+                "(other_entries='replace') to drop them, or embed into another --out to keep both"
+            )
+
+    def check_space(self, n_rows: int, n_new: int, dim: int | None = None) -> None:
+        """Refuse to start work that clearly cannot be committed for lack of disk space.
+
+        Until the commit ends, the shards of the ``n_new`` rows to compute and the new store
+        file of ``n_rows`` rows exist beside the old file. Only their features are counted (a
+        lower bound), so a disk this refuses is certainly too full; the commit checks again
+        with the exact size. ``dim`` defaults to ``attrs["dim"]``; nothing is checked while
+        the width is unknown.
+
+        Raises
+        ------
+        StoreError
+            "no space left on device", naming the store, the space needed and the space free.
+        """
+        self._require_lock()
+        dim = self.attrs.get("dim") if dim is None else dim
+        if dim is None:
+            return
+        need = (int(n_rows) + int(n_new)) * int(dim) * np.dtype(self.dtype).itemsize
+        free = shutil.disk_usage(self.store.path.parent).free
+        if need > free:
+            raise StoreError(
+                f"cannot write store {self.store.path}: no space left on device (the features "
+                f"alone need {need / 2**20:.1f} MiB in {self.store.path.parent}, "
+                f"{free / 2**20:.1f} MiB free); free some space or choose another --out"
+            )
 
     def shard_done(self, name: str) -> bool:
         """Whether shard ``name`` is already on disk (from this run or a killed earlier one)."""
@@ -909,6 +1099,17 @@ class StoreWriter:
             ``(len(ids), dim)``; cast to the store dtype here.
         skipped : sequence of (id, fingerprint, reason)
             Files of this slice that could not be embedded.
+
+        Notes
+        -----
+        Rows holding a NaN or an infinity after the cast to the store dtype (a broken weights
+        file, or float16 overflow) are not stored: they become skipped records with the reason
+        ``"non-finite features"``, so no engine can put them where a head would fit on them.
+
+        Raises
+        ------
+        StoreError
+            The shard cannot be written (the message names it; "no space left on device").
         """
         self._require_lock()
         _check_name("shard name", name)
@@ -923,8 +1124,15 @@ class StoreWriter:
         if dim is not None and ids and feats.shape[1] != int(dim):
             raise ConfigError(f"shard {name}: features have dim {feats.shape[1]}, attrs say {dim}")
         skips = [(str(i), str(f), str(r)) for i, f, r in skipped]
+        with np.errstate(over="ignore"):  # float16 overflow gives inf, caught just below
+            feats = feats.astype(self.dtype, copy=False)
+        bad = non_finite_rows(feats)
+        if bad.any():
+            skips += [(ids[r], fps[r], NON_FINITE_REASON) for r in np.flatnonzero(bad)]
+            keep = np.flatnonzero(~bad)
+            ids, fps, feats = [ids[r] for r in keep], [fps[r] for r in keep], feats[keep]
         arrays = {
-            "features": feats.astype(self.dtype, copy=False),
+            "features": feats,
             "dim": np.int64(feats.shape[1]),
             "ids": np.array(ids, dtype=str),
             "fingerprints": np.array(fps, dtype=str),
@@ -932,8 +1140,12 @@ class StoreWriter:
             "skipped_fingerprints": np.array([s[1] for s in skips], dtype=str),
             "skipped_reasons": np.array([s[2] for s in skips], dtype=str),
         }
-        self.parts_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.parts_dir / f"{name}.npz", lambda fh: np.savez(fh, **arrays))
+        target = self.parts_dir / f"{name}.npz"
+        try:
+            self.parts_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write(target, lambda fh: np.savez(fh, **arrays))
+        except OSError as exc:  # the temp file is gone; earlier shards stay for a rerun
+            raise write_error("shard", target, exc) from exc
 
     def discard_parts(self) -> None:
         """Delete this key's uncommitted shards (and the parts folder once empty)."""
@@ -990,11 +1202,15 @@ class StoreWriter:
         extra = dict(extra_attrs or {})
         _encode_attrs(extra)
         shards = _Shards.scan(self.parts_dir)
+        source = {**self.attrs, **extra}.get(_SOURCE_ATTR)
         with ExitStack() as stack:
-            src = stack.enter_context(self.store._open()) if self.store.path.exists() else None
+            readable = self.store.path.exists() and not self._damaged
+            src = stack.enter_context(self.store._open()) if readable else None
             old_group = src.get(f"entries/{self.key}") if src is not None else None
             old = _Entry.read(old_group) if old_group is not None else None
             plan = _make_plan(order, len(names), shards, old, drop_missing, self.store.path)
+            pairs = ((str(item[0]), str(item[1])) for item in order)  # valid: planned above
+            self._refuse_lost_rows(old, pairs, drop_missing, {**self.attrs, **extra})
             others = [k for k in src.get("entries", {}) if k != self.key] if src else []
             keep = set(others) if not drop_other_entries else set()
             changed = not (
@@ -1003,10 +1219,12 @@ class StoreWriter:
                 and not shards.paths
                 and plan.same_as(old, names)
                 and all(old.attrs.get(k) == _normalise_attr(v) for k, v in extra.items())
+                and (source is None or old.attrs.get(_SOURCE_ATTR) == source)
             )
             if changed:
                 old_ds = old_group["features"] if old_group is not None else None
                 self._write_file(src, keep, old_ds, old, plan, shards, names, extra)
+        self._old = None
         if drop_other_entries:
             shutil.rmtree(self.store.parts_path, ignore_errors=True)
         self.discard_parts()
@@ -1032,18 +1250,59 @@ class StoreWriter:
         extra: dict[str, Any],
     ) -> None:
         """Write a complete new file beside the old one, fsync it, then ``os.replace`` it."""
-        # h5py needs a file name and has no fsync: atomic_path fsyncs the closed file.
-        with atomic_path(self.store.path) as tmp, h5py.File(tmp, "w-", locking=False) as dst:
-            if src is not None:
-                _copy_store(src, dst, keep)
-            dst.attrs["featurepipe_store_version"] = STORE_FORMAT_VERSION
-            dst.attrs["featurepipe_version"] = featurepipe_version()
-            group = dst.require_group("entries").create_group(self.key)
-            dim = self._output_dim(plan, shards, old)
-            _write_features(group, plan, dim, self.dtype, old_ds, shards.paths)
-            _write_index(group, plan, class_names)
-            self._write_attrs(group, old, len(plan.ids), dim, extra)
-            dst.flush()
+        path = self.store.path
+        dim = self._output_dim(plan, shards, old)
+        need = self._estimate_bytes(src, keep, old_ds, plan, dim)
+        try:
+            # h5py needs a file name and has no fsync: atomic_path fsyncs the closed file.
+            with atomic_path(path) as tmp:
+                with h5py.File(tmp, "w-", locking=False):
+                    pass
+                reserve(tmp, need)
+                # No chunk cache: each block reaches the OS when written, so a failed write
+                # raises right there and the file still closes cleanly (store_checks.reserve).
+                with h5py.File(tmp, "r+", locking=False, rdcc_nbytes=0) as dst:
+                    if src is not None:
+                        _copy_store(src, dst, keep)
+                    dst.attrs["featurepipe_store_version"] = STORE_FORMAT_VERSION
+                    dst.attrs["featurepipe_version"] = featurepipe_version()
+                    group = dst.require_group("entries").create_group(self.key)
+                    _write_features(group, plan, dim, self.dtype, old_ds, shards.paths)
+                    _write_index(group, plan, class_names)
+                    self._write_attrs(group, old, len(plan.ids), dim, extra)
+                    dst.flush()
+        except StoreError:
+            raise
+        except (OSError, RuntimeError) as exc:  # h5py reports failed writes as either
+            error = write_error("store", path, exc)
+            if "no space left" in str(error):
+                free = shutil.disk_usage(path.parent).free
+                error = StoreError(
+                    f"{error} (needs about {need / 2**20:.1f} MiB in {path.parent}, "
+                    f"{free / 2**20:.1f} MiB free); the old store is unchanged"
+                )
+            raise error from exc
+
+    def _estimate_bytes(
+        self,
+        src: h5py.File | None,
+        keep: set[str],
+        old_ds: h5py.Dataset | None,
+        plan: _Plan,
+        dim: int,
+    ) -> int:
+        """An upper bound of the new file's size: its rows, its index, the entries it copies."""
+        n = len(plan.ids)
+        chunk = min(n, 512) or 1  # as _write_features lays the rows out
+        features = -(-n // chunk) * chunk * dim * np.dtype(self.dtype).itemsize
+        # a variable-length string: a 16-byte reference plus a 16-byte heap header, 8-aligned
+        strings = [*plan.ids, *plan.fps, *(text for record in plan.skipped for text in record)]
+        index = 8 * n + sum(40 + len(text.encode("utf-8")) for text in strings)
+        copied = 0
+        if src is not None and keep:
+            ours = old_ds.id.get_storage_size() if old_ds is not None else 0
+            copied = max(0, self.store.path.stat().st_size - ours)
+        return int(1.1 * (features + index + copied)) + _SPACE_SLACK
 
     def _output_dim(self, plan: _Plan, shards: _Shards, old: _Entry | None) -> int:
         """Feature width: from the rows used; from attrs["dim"] when there are no rows."""
@@ -1075,7 +1334,11 @@ class StoreWriter:
             "updated": now,
             "feature_format_version": FEATURE_FORMAT_VERSION,
         }
-        values, json_names = _encode_attrs({**self.attrs, **extra, **ours})
+        # a writer that knows no source (a path list) leaves the recorded one in place
+        kept = {}
+        if old is not None and {**self.attrs, **extra}.get(_SOURCE_ATTR) is None:
+            kept = {_SOURCE_ATTR: old.attrs.get(_SOURCE_ATTR)}
+        values, json_names = _encode_attrs({**self.attrs, **kept, **extra, **ours})
         values[_JSON_ATTRS] = json.dumps(sorted(json_names))
         for name, value in values.items():
             group.attrs[name] = value

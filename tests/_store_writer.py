@@ -5,6 +5,8 @@ Usage::
     python _store_writer.py loop PATH N DIM SEED   # commit KEY_B once, then KEY_A over and over
     python _store_writer.py stall PATH N DIM SEED  # commit KEY_B, then hang mid-way writing KEY_A
     python _store_writer.py hold PATH KEY SECONDS  # take the lock, sleep, commit a small entry
+    python _store_writer.py fill PATH N DIM reserve|noreserve  # commit KEY_B, then KEY_A until
+                                                   # the disk is full; "error: ..." and exit 1
 
 Rows are a pure function of (n, dim, seed, variant), so the test can check every row it reads.
 """
@@ -17,6 +19,7 @@ import time
 import numpy as np
 
 import featurepipe.store
+from featurepipe.exceptions import FeaturePipeError
 from featurepipe.store import CommitResult, FeatureStore
 
 KEY_A = "aaaaaaaaaaaaaaaa"
@@ -83,6 +86,18 @@ def main(argv: list[str]) -> None:
             w.write_shard("s0", ["x", "y"], ["1", "1"], np.ones((2, 4), np.float32))
             w.commit([("x", "1", 0), ("y", "1", 1)], ["a", "b"])
         print("done", flush=True)
+    elif mode == "fill":
+        n, dim = int(argv[2]), int(argv[3])
+        if argv[4] == "noreserve":  # let HDF5 itself meet the full disk
+            featurepipe.store.reserve = lambda path, nbytes: None
+        commit_variant(path, KEY_B, 100, dim, 1, 0)
+        print("small committed", flush=True)
+        try:
+            commit_variant(path, KEY_A, n, dim, 0, 0)
+        except FeaturePipeError as exc:  # what the CLI does
+            print(f"error: {exc}", flush=True)
+            raise SystemExit(1) from None
+        print("big committed", flush=True)
     else:
         raise SystemExit(f"unknown mode {mode!r}")
 

@@ -562,3 +562,306 @@ def test_sigkill_at_random_moments_never_breaks_the_store(path: Path) -> None:
     assert _check_store(path, n, dim, seed) == 2
     assert FeatureStore(path).lookup(helper.KEY_A)["img000000.png"] == (0, "v0")
     assert sorted(p.name for p in path.parent.iterdir()) == ["store.h5", "store.h5.lock"]
+
+
+# ---------------------------------------------------------------------------------------------
+# rows of another source (issue 19: a second folder's commit dropped every row of the first)
+
+SRC_A = {**ATTRS, "source": "folder:/data/cats"}
+SRC_B = {**ATTRS, "source": "folder:/data/dogs"}
+
+
+def test_commit_from_another_source_refuses_to_drop_its_rows(path: Path, abc: dict) -> None:
+    commit(path, [("a", "1", 0), ("b", "1", 1), ("c", "1", 0)], attrs=SRC_A)
+    before = path.read_bytes()
+    rows = [("d", "1", 0), ("e", "1", 1)]
+    with FeatureStore(path).writer(KEY, SRC_B, lock_timeout=0) as w:
+        with pytest.raises(StoreError) as err:
+            w.check_source([(i, f) for i, f, _ in rows])
+        w.write_shard("s1", ["d", "e"], ["1", "1"], feats(2))
+        with pytest.raises(StoreError):
+            w.commit(rows, CLASSES)
+    msg = str(err.value)
+    assert "3 row(s)" in msg and "/data/cats" in msg and "/data/dogs" in msg
+    assert "--replace" in msg and "--out" in msg and "\n" not in msg
+    assert path.read_bytes() == before  # nothing dropped, and the shards wait for a rerun
+    assert (FeatureStore(path).parts_path / KEY / "s1.npz").is_file()
+
+    with FeatureStore(path).writer(KEY, SRC_B, lock_timeout=0, replace=True) as w:
+        w.check_source([(i, f) for i, f, _ in rows])
+        result = w.commit(rows, CLASSES)
+    assert (result.n_new, result.n_dropped) == (2, 3)
+    assert FeatureStore(path).load().ids == ["d", "e"]
+    assert FeatureStore(path).attrs()["source"] == "folder:/data/dogs"
+
+
+def test_same_source_still_drops_deleted_files(path: Path, abc: dict) -> None:
+    commit(path, [("a", "1", 0), ("b", "1", 1), ("c", "1", 0)], attrs=SRC_A)
+    result = commit(path, [("a", "1", 0)], attrs=SRC_A)
+    assert result.n_dropped == 2 and FeatureStore(path).load().ids == ["a"]
+
+
+def test_another_source_that_keeps_every_row_is_allowed(path: Path, abc: dict) -> None:
+    commit(path, [("a", "1", 0), ("b", "1", 1), ("c", "1", 0)], attrs=SRC_A)
+    # a moved folder: same ids and fingerprints, nothing would be lost
+    result = commit(path, [("a", "1", 0), ("b", "1", 1), ("c", "1", 0)], attrs=SRC_B)
+    assert result.n_dropped == 0 and FeatureStore(path).attrs()["source"] == "folder:/data/dogs"
+    # drop_missing=False keeps the other ids, so only a changed row of theirs would be lost
+    rows = [("z", "1", 0)]
+    result = commit(
+        path, rows, [("s", ["z"], ["1"], feats(1), [])], attrs=SRC_A, drop_missing=False
+    )
+    assert result.n_dropped == 0 and FeatureStore(path).load().ids == ["z", "a", "b", "c"]
+    with pytest.raises(StoreError, match="1 row"):
+        commit(
+            path,
+            [("a", "2", 0)],
+            [("s", ["a"], ["2"], feats(1), [])],
+            attrs=SRC_B,
+            drop_missing=False,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# damaged stores (issue 19: reported as "not a featurepipe store", and --replace refused too)
+
+
+def _rebuild(path: Path) -> None:
+    with FeatureStore(path).writer(KEY, ATTRS, lock_timeout=0, replace=True) as w:
+        assert w.existing() == {}
+        w.write_shard("s9", ["n"], ["1"], feats(1))
+        w.commit([("n", "1", 1)], CLASSES, drop_other_entries=True)
+    assert FeatureStore(path).load().ids == ["n"]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "header zeroed"])
+def test_damaged_store_is_named_damaged_and_replace_rebuilds_it(
+    path: Path, abc: dict, damage: str
+) -> None:
+    data = path.read_bytes()
+    if damage == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    else:
+        path.write_bytes(bytes(4096) + data[4096:])
+    with pytest.raises(StoreError, match="damaged featurepipe store") as err:
+        FeatureStore(path).load()
+    assert str(path) in str(err.value) and "--replace" in str(err.value)
+    assert "not a featurepipe store" not in str(err.value)
+    with pytest.raises(StoreError, match="damaged featurepipe store"):
+        FeatureStore(path).writer(KEY, ATTRS, lock_timeout=0).__enter__()
+    _rebuild(path)
+
+
+def test_replace_never_overwrites_a_foreign_file(path: Path) -> None:
+    jpeg = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + bytes(3000)
+    path.write_bytes(jpeg)
+    with pytest.raises(StoreError, match="not a featurepipe store"):
+        FeatureStore(path).writer(KEY, ATTRS, lock_timeout=0, replace=True).__enter__()
+    assert path.read_bytes() == jpeg
+
+    with h5py.File(path, "w") as f:  # a user's own HDF5 file, then truncated
+        f["data"] = np.arange(100_000)
+    data = path.read_bytes()[:50_000]
+    path.write_bytes(data)
+    with pytest.raises(StoreError, match="damaged HDF5 file that does not look like"):
+        FeatureStore(path).writer(KEY, ATTRS, lock_timeout=0, replace=True).__enter__()
+    assert path.read_bytes() == data
+
+
+# ---------------------------------------------------------------------------------------------
+# full disk (issue 19: a segfault while committing, a raw traceback while writing a shard)
+
+
+def _no_space(*args: object, **kwargs: object) -> None:
+    raise OSError(28, "No space left on device")
+
+
+def _only_store_files(path: Path) -> list[str]:
+    return sorted(p.name for p in path.parent.iterdir())
+
+
+def test_full_disk_while_writing_a_shard_names_it(
+    path: Path, abc: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with FeatureStore(path).writer(KEY, ATTRS, lock_timeout=0) as w:
+        monkeypatch.setattr(np, "savez", _no_space)
+        with pytest.raises(StoreError) as err:
+            w.write_shard("s1", ["a"], ["2"], feats(1))
+        monkeypatch.undo()
+        assert list(w.parts_dir.iterdir()) == []  # the temp file is gone
+    target = FeatureStore(path).parts_path / KEY / "s1.npz"
+    assert str(err.value) == f"cannot write shard {target}: no space left on device"
+
+
+@pytest.mark.parametrize("where", ["reserve", "_write_features"])
+def test_full_disk_while_committing_keeps_the_old_store(
+    path: Path, abc: dict, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    import featurepipe.store as store_mod
+
+    before = path.read_bytes()
+    target = "posix_fallocate" if where == "reserve" else where
+    with FeatureStore(path).writer(KEY, ATTRS, lock_timeout=0) as w:
+        w.write_shard("s1", ["a"], ["2"], feats(1))
+        monkeypatch.setattr(store_mod.os if where == "reserve" else store_mod, target, _no_space)
+        with pytest.raises(StoreError) as err:
+            w.commit([("a", "2", 0)], CLASSES)
+        monkeypatch.undo()
+    msg = str(err.value)
+    assert msg.startswith(f"cannot write store {path}: no space left on device (needs about ")
+    assert "the old store is unchanged" in msg and "\n" not in msg
+    assert path.read_bytes() == before
+    assert _only_store_files(path) == ["store.h5", "store.h5.lock", "store.h5.parts"]
+    assert FeatureStore(path).load().ids == ["a", "b", "c"]
+
+
+def test_commit_reserves_at_least_the_file_it_writes(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import featurepipe.store as store_mod
+
+    reserve, asked = store_mod.reserve, []
+
+    def record(tmp: Path, nbytes: int) -> None:
+        asked.append(nbytes)
+        reserve(tmp, nbytes)
+
+    monkeypatch.setattr(store_mod, "reserve", record)
+    cases = [
+        (1, 4, 1, "float32", "k1"),
+        (10, 1280, 30, "float16", "k2"),  # fixed HDF5 overhead dominates
+        (700, 3, 180, "float32", "k3"),  # long ids dominate; k1 and k2 are copied along
+        (3000, 64, 8, "float16", "k1"),
+    ]
+    for n, dim, id_len, dtype, key in cases:
+        ids = [f"{i:0{id_len}d}" for i in range(n)]
+        skipped = [(f"bad{i}", "x", "not an image") for i in range(n // 10)]
+        rows = [(i, "fp" * 20, -1) for i in ids] + [(i, f, -1) for i, f, _ in skipped]
+        shard = ("s", ids, ["fp" * 20] * n, feats(n, dim), skipped)
+        commit(path, rows, [shard], key=key, attrs={**ATTRS, "dtype": dtype})
+        size = path.stat().st_size
+        # enough for the file, and not so much that a disk with room for it is refused
+        assert size <= asked[-1] <= 1.25 * size + (1 << 18), (n, dim, id_len)
+
+
+def _mount_tmpfs(folder: Path, size: str) -> None:
+    if sys.platform != "linux":
+        pytest.skip("a small tmpfs needs Linux")
+    folder.mkdir()
+    run = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+        capture_output=True,
+        text=True,
+    )
+    if run.returncode != 0:
+        pytest.skip(f"cannot mount a {size} tmpfs here (needs root): {run.stderr.strip()}")
+
+
+@pytest.mark.parametrize("reserve", ["reserve", "noreserve"])
+def test_real_full_disk_fails_in_one_line_and_keeps_the_store(tmp_path: Path, reserve: str) -> None:
+    """On a 2 MiB tmpfs: a small store fits, a 1.5 MB commit after its shard does not.
+
+    ``noreserve`` switches the preallocation off, so HDF5 itself meets the full disk.
+    """
+    mnt = tmp_path / "mnt"
+    _mount_tmpfs(mnt, "2m")
+    try:
+        path = mnt / "s.h5"
+        run = subprocess.run(
+            [sys.executable, str(HELPER), "fill", str(path), "1500", "256", reserve],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert run.returncode == 1, run.stderr[-2000:]
+        assert run.stderr == "", run.stderr[-2000:]
+        lines = run.stdout.splitlines()
+        assert lines[0] == "small committed" and len(lines) == 2, lines
+        assert lines[1].startswith(f"error: cannot write store {path}: no space left on device")
+        assert FeatureStore(path).load(helper.KEY_B).ids == helper.make_ids(100)
+        assert _only_store_files(path) == ["s.h5", "s.h5.lock", "s.h5.parts"]
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# an unwritable place (issue 21: --out /proc/x.h5 waited forever "for another writer")
+
+
+def test_lock_file_that_cannot_be_created_is_an_error_not_a_wait(tmp_path: Path) -> None:
+    places = [tmp_path / "a-file" / "s.h5"]
+    (tmp_path / "a-file").write_text("not a folder")
+    if Path("/proc/self").is_dir():
+        places.append(Path("/proc/featurepipe-test.h5"))
+    for place in places:
+        with pytest.raises(StoreError, match="cannot create the") as err:
+            FeatureStore(place).writer(KEY, ATTRS, lock_timeout=5).__enter__()
+        assert not isinstance(err.value, StoreLockedError) and str(place.parent) in str(err.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# non-finite features (issue 19: 24 NaN rows stored, then fit died in scikit-learn)
+
+
+def test_non_finite_rows_become_skipped_records(path: Path) -> None:
+    x = feats(4)
+    x[1, 2], x[3, 0] = np.nan, np.inf
+    big = np.full((1, 6), 1e6, np.float32)  # finite in float32, inf in a float16 store
+    rows = [("a", "1", 0), ("b", "1", 1), ("c", "1", 0), ("d", "1", 1), ("e", "1", 0)]
+    result = commit(
+        path,
+        rows,
+        [("s0", ["a", "b", "c", "d"], ["1"] * 4, x, []), ("s1", ["e"], ["1"], big, [])],
+        attrs={**ATTRS, "dtype": "float16"},
+    )
+    loaded = FeatureStore(path).load()
+    assert loaded.ids == ["a", "c"] and result.n_skipped == 3
+    assert sorted(loaded.skipped) == [(i, "non-finite features") for i in ("b", "d", "e")]
+
+
+def test_reading_an_old_store_with_non_finite_rows_names_them(path: Path, abc: dict) -> None:
+    with h5py.File(path, "r+") as f:
+        f[f"entries/{KEY}/features"][1, 0] = np.nan
+        f[f"entries/{KEY}/features"][2, 3] = -np.inf
+    store = FeatureStore(path)
+    for read in (
+        store.load,
+        lambda: list(store.iter_chunks(chunk_rows=2)),
+        lambda: store.read_rows(KEY, [2, 1, 0]),
+    ):
+        with pytest.raises(StoreError) as err:
+            read()
+        msg = str(err.value)
+        assert str(path) in msg and KEY in msg and "non-finite" in msg and "'b'" in msg
+    assert store.read_rows(KEY, [0]).shape == (1, 6)
+
+
+def test_writer_without_a_source_keeps_the_recorded_one(path: Path, abc: dict) -> None:
+    commit(path, [("a", "1", 0), ("b", "1", 1), ("c", "1", 0)], attrs=SRC_A)
+    commit(
+        path,
+        [("q", "1", 0)],
+        [("s", ["q"], ["1"], feats(1), [])],
+        attrs={**ATTRS, "source": None},
+        drop_missing=False,
+    )
+    assert FeatureStore(path).attrs()["source"] == "folder:/data/cats"
+    with pytest.raises(StoreError, match="4 row"):
+        commit(path, [("d", "1", 0)], [("s", ["d"], ["1"], feats(1), [])], attrs=SRC_B)
+
+
+def test_work_that_cannot_fit_is_refused_before_it_starts(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import featurepipe.store as store_mod
+
+    usage = store_mod.shutil.disk_usage(path.parent)
+    monkeypatch.setattr(store_mod.shutil, "disk_usage", lambda _p: usage._replace(free=3 * 100 * 4))
+    with FeatureStore(path).writer(KEY, {**ATTRS, "dim": 100}, lock_timeout=0) as w:
+        w.check_space(2, 1)  # 2 rows in the store, 1 of them new: 1,200 bytes of features
+        with pytest.raises(StoreError) as err:
+            w.check_space(3, 0)  # a store of 3 rows and no shard would fit...
+            w.check_space(3, 1)  # ...with one more shard row it does not
+    msg = str(err.value)
+    assert msg.startswith(f"cannot write store {path}: no space left on device")
+    assert "MiB free" in msg and "--out" in msg

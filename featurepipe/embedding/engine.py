@@ -43,7 +43,7 @@ from featurepipe.sources import ImageSource, open_source
 from featurepipe.store import FeatureStore
 
 __all__ = ["canonical_spec", "embed_in_memory", "refuse_other_specs", "resolve_backbone",
-           "run_embed", "store_attrs"]
+           "run_embed", "source_identity", "store_attrs"]
 
 
 def canonical_spec(spec: BackboneSpec) -> BackboneSpec:
@@ -85,6 +85,16 @@ def refuse_other_specs(fs: FeatureStore, key: str, parts: dict) -> None:
         "use --replace to recompute, --add-entry to keep both, or another --out")
 
 
+def source_identity(given: Any, src: ImageSource) -> str | None:
+    """What the store records as the rows' origin: ``kind:resolved path`` of a folder or file.
+
+    Path lists and arrays have none (a path list's ids are the paths themselves).
+    """
+    if isinstance(given, (str, os.PathLike)):
+        return f"{src.kind}:{os.path.realpath(os.fspath(given))}"
+    return f"{src.kind}:{src.root}" if src.root else None
+
+
 def _work(source: ImageSource, backbone: Backbone, opts: EmbedOptions, device: torch.device,
           precision: str, batches: Sequence[Sequence[int]], status: Callable[[str], None]
           ) -> tuple[Work, RunnerChoice]:
@@ -112,12 +122,14 @@ def run_embed(source: Any, store: str | os.PathLike | FeatureStore, backbone: Ba
     dev = device if device is not None else resolve_device(opts.device)
     prec = precision if precision is not None else resolve_precision(opts.precision, dev)
     check_decoder(opts.decoder, dev)
+    fs = store if isinstance(store, FeatureStore) else FeatureStore(store)
+    fs.check_writable()  # before scanning the source or loading anything
     src = open_source(source, labels=labels)
+    src.require_unique_ids()
     desc: Backbone | BackboneDescription = (
         loaded_backbone if loaded_backbone is not None else describe_backbone(backbone))
     parts = key_parts(desc, opts.decode_policy, prec, opts.dtype, opts.decoder)
     key = entry_key(parts)
-    fs = store if isinstance(store, FeatureStore) else FeatureStore(store)
     if opts.other_entries == "error":
         refuse_other_specs(fs, key, parts)
 
@@ -125,12 +137,15 @@ def run_embed(source: Any, store: str | os.PathLike | FeatureStore, backbone: Ba
     fps = [src.fingerprint(i, content_hash=opts.content_hash) for i in range(len(src))]
     extra: dict[str, Any] = {}
     prov: Provenance | None = None
-    with fs.writer(key, store_attrs(parts, desc.feature_dim, dev),
-                   lock_timeout=opts.lock_timeout, on_wait=log or (lambda _m: None)) as writer:
+    attrs = {**store_attrs(parts, desc.feature_dim, dev), "source": source_identity(source, src)}
+    with fs.writer(key, attrs, lock_timeout=opts.lock_timeout, on_wait=log or (lambda _m: None),
+                   replace=opts.other_entries == "replace") as writer:
+        writer.check_source(zip(ids, fps, strict=True), drop_missing=opts.drop_missing)
         plan = make_plan(ids, fps, writer.existing(), writer.existing_skipped(),
                          opts.batch_size, opts.shard_size, writer.shard_done)
         if plan.pending:
             bb = loaded_backbone or load(desc.spec)
+            writer.check_space(len(src), plan.n_pending, bb.feature_dim)
             sink = ShardSink(plan.pending, writer, ids, fps, bb.feature_dim, opts.dtype,
                              opts.on_error, [s.path for s in src.samples])
             name = f"embed {bb.spec.name}"
