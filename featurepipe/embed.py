@@ -644,6 +644,7 @@ def run_embed(
     t0 = time.perf_counter() if t0 is None else t0
     say = log or (lambda _msg: None)
     src = open_source(source, labels=labels)
+    src.require_unique_ids()  # before any work: the commit keeps one row per id
     policy = decode_policy or DecodePolicy()
     # The key needs only the weights hash and preprocessing: a cached rerun never builds the net.
     desc: Backbone | BackboneDescription
