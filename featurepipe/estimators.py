@@ -34,7 +34,7 @@ from featurepipe.exceptions import (
     SpecMismatchError,
     StoreError,
 )
-from featurepipe.sources import ImageSource, Sample, open_source
+from featurepipe.sources import ImageSource, Sample, open_source, safe_id
 from featurepipe.store import FeatureStore, entry_key
 
 __all__ = ["ImageEmbedder", "clear_caches", "drop_bad"]
@@ -134,7 +134,7 @@ def _keyed_source(X: Any) -> tuple[ImageSource, list[str], np.ndarray]:
     if src.array is not None:
         ids = [f"array:{fp.partition(':')[2]}" for fp in fps]
     else:
-        ids = [os.path.abspath(s.path or s.id) for s in src.samples]
+        ids = [safe_id(os.path.abspath(s.path or s.id)) for s in src.samples]
     first: dict[str, int] = {}  # id -> first position
     for pos, id_ in enumerate(ids):
         first.setdefault(id_, pos)

@@ -90,3 +90,23 @@ def test_predict_skips_an_empty_folder_and_a_fifo(tmp_path, capsys):
     assert f"warning: skipped {tmp_path / 'empty'}: no images found" in err
     assert f"skipped {tmp_path / 'pipe.jpg'}: not a regular file" in out
     assert sum("img_00" in line for line in out.splitlines()) == 4
+
+
+@pytest.mark.timeout(300)
+def test_embedder_cache_takes_a_name_that_is_not_utf8(tmp_path):
+    from featurepipe import ImageEmbedder
+
+    folder = os.fsencode(tmp_path)
+    write_good_images(tmp_path / "x", 1, seed=5)
+    os.rename(os.fsencode(tmp_path / "x" / "img_000.jpg"), os.path.join(folder, b"caf\xe9.jpg"))
+    path = os.fsdecode(os.path.join(folder, b"caf\xe9.jpg"))
+    embedder = ImageEmbedder(TINY["backbone"], weights=TINY["weights"],
+                             image_size=TINY["image_size"], precision="fp32", workers=0,
+                             cache=tmp_path / "cache.h5")
+    first = embedder.fit_transform([path])
+    assert first.shape[0] == 1
+    again = ImageEmbedder(TINY["backbone"], weights=TINY["weights"],
+                          image_size=TINY["image_size"], precision="fp32", workers=0,
+                          cache=tmp_path / "cache.h5").fit_transform([path])
+    assert (again == first).all()
+    assert FeatureStore(tmp_path / "cache.h5").load().ids == [f"{tmp_path}/caf\\xe9.jpg"]
