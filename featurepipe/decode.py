@@ -522,7 +522,7 @@ def _may_be_cut(pixels: Any, data: bytes | bytearray) -> bool:
     """True when a fast-path decode may hide a cut scan: its bottom-right pixel is what a block
     without data decodes to (all coefficients zero: grey 128; in a colour JPEG, whose luma may
     have arrived before the chroma ran out, any neutral grey)."""
-    r, g, b = (int(v) for v in pixels[:, -1, -1])
+    r, g, b = pixels[:, -1, -1].tolist()
     if not r == g == b:
         return False
     frame = _plain_jpeg_size(data, False)

@@ -24,6 +24,7 @@ import hashlib
 import os
 import posixpath
 import re
+import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -344,6 +345,10 @@ def _row_fingerprint(row: np.ndarray) -> str:
 
 
 def _sha256_file(path: str) -> str:
+    """The file's sha256; OSError for anything but a regular file, which is never opened (a
+    FIFO would block the open)."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise OSError(f"{path}: not a regular file")
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(_HASH_CHUNK), b""):
@@ -433,6 +438,8 @@ def _from_path(path: str, class_names: Sequence[str] | None) -> ImageSource:
         raise SourceError(f"no such file or directory: {path}")
     if os.path.isdir(path):
         return _from_folder(path, class_names)
+    if not os.path.isfile(path):  # reading a FIFO to sniff its kind would block
+        raise SourceError(f"{escape(path)}: not a folder or a regular file")
     if path.lower().endswith(".csv"):
         return _from_manifest(path, class_names)
     if _is_idx(path):

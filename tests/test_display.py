@@ -110,3 +110,15 @@ def test_embedder_cache_takes_a_name_that_is_not_utf8(tmp_path):
                           cache=tmp_path / "cache.h5").fit_transform([path])
     assert (again == first).all()
     assert FeatureStore(tmp_path / "cache.h5").load().ids == [f"{tmp_path}/caf\\xe9.jpg"]
+
+
+def test_embedding_a_path_list_with_a_repeat_fails_before_any_work(tmp_path):
+    from featurepipe.embed import embed
+    from featurepipe.exceptions import SourceError
+
+    a, b = write_good_images(tmp_path / "x", 2, seed=6)
+    store = tmp_path / "s.h5"
+    with pytest.raises(SourceError, match=r"img_000\.jpg is listed twice \(items 0 and 2\)"):
+        embed([str(a), str(b), str(a)], store, **TINY, precision="fp32", workers=0,
+              progress=False)
+    assert not store.exists()  # refused before a store, a shard or a forward pass

@@ -445,3 +445,16 @@ def test_path_list_listing_a_file_twice_is_refused_before_a_store_is_written(tmp
     with pytest.raises(SourceError, match=rf"{a} is listed twice \(items 0 and 2\)"):
         src.require_unique_ids()
     open_source([str(a), str(b)]).require_unique_ids()
+
+
+@pytest.mark.timeout(60)
+def test_fifo_is_never_opened_to_sniff_or_hash(tmp_path):
+    good = png(tmp_path / "a" / "x.png")
+    os.mkfifo(tmp_path / "a" / "pipe.jpg")
+    src = open_source([str(tmp_path / "a" / "pipe.jpg"), str(good)])
+    assert src.fingerprint(0, content_hash=True) == "unreadable"  # --content-hash
+    assert src.fingerprint(1, content_hash=True).startswith("sha256:")
+    for name in ("pipe.csv", "pipe-idx3-ubyte", "pipe.jpg"):
+        os.mkfifo(tmp_path / name)
+        with pytest.raises(SourceError, match=f"{name}: not a folder or a regular file"):
+            open_source(tmp_path / name)
