@@ -294,12 +294,12 @@ def is_plain_jpeg(data: bytes | bytearray, policy: DecodePolicy, target: int | N
     """True when libjpeg-turbo alone, at full scale, gives what :func:`decode_image` would.
 
     That is: an allowed JPEG (not MPO), 8-bit Huffman-coded, RGB or grey, within
-    ``max_pixels``, intact (ends with the EOI marker; a cut file must read "truncated"), upright
-    (no EXIF or XMP orientation to apply) and, with ``reduce_on_load`` and a ``target``, too small
-    for a reduced-scale decode. Only the header's markers are read, in plain Python: Pillow's
-    ``Image.open`` holds the GIL, which decode threads queue on (with it, two threads decoded
-    the benchmark photos in 1.020 ms per photo; with no check at all, 0.935). Anything
-    unexpected answers False, and :func:`decode_image` takes the file. Used by
+    ``max_pixels`` and ``max_aspect_ratio``, intact (ends with the EOI marker; a cut file must
+    read "truncated"), upright (no EXIF or XMP orientation to apply) and, with
+    ``reduce_on_load`` and a ``target``, too small for a reduced-scale decode. Only the
+    header's markers are read, in plain Python: Pillow's ``Image.open`` holds the GIL, which
+    decode threads would queue on. Anything unexpected answers False, and
+    :func:`decode_image` takes the file. Used by
     :func:`decode_image_tensor` and the GPU decoder.
     """
     if not data.startswith(_JPEG_SOI) or "JPEG" not in policy.formats:
@@ -442,7 +442,8 @@ def _open_regular(path: str) -> BinaryIO:
     """
     _check_file(path)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+        fd = os.open(path, flags)
     except OSError as exc:
         raise _stat_error(path, exc) from None
     try:
