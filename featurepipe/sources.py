@@ -561,18 +561,22 @@ def _from_folder(root: str, class_names: Sequence[str] | None = None) -> ImageSo
     classes = [(name, files) for name in subdirs
                if (files := _scan_images(os.path.join(root, name), {_dir_key(root)}))]
     if classes and loose:
-        shown = ", ".join(name for name, _ in classes[:5])
+        shown = ", ".join(escape(name) for name, _ in classes[:5])
         raise SourceError(
-            f"{root}: {len(loose)} image(s) (e.g. {escape(loose[0].rel)}) lie directly in the "
-            f"folder next to class folders ({shown}); move them into a class folder, or pass a "
-            "CSV manifest or a list of paths")
+            f"{escape(root)}: {len(loose)} image(s) (e.g. {escape(loose[0].rel)}) lie directly "
+            f"in the folder next to class folders ({shown}); move them into a class folder, or "
+            "pass a CSV manifest or a list of paths")
     if classes:
-        names = [name for name, _ in classes] if class_names is None else list(class_names)
+        # Class names go into the store like ids, so a folder name that is not UTF-8 is made safe.
+        names = ([safe_id(name) for name, _ in classes] if class_names is None
+                 else list(class_names))
         code = {name: k for k, name in enumerate(names)}
-        unknown = [name for name, _ in classes if name not in code]
+        unknown = [safe_id(name) for name, _ in classes if safe_id(name) not in code]
         if unknown:
-            raise SourceError(f"{root}: class folders {unknown[:5]} are not in class_names {names}")
-        found = [(f"{name}/{f.rel}", code[name], f) for name, files in classes for f in files]
+            raise SourceError(f"{escape(root)}: class folders {unknown[:5]} are not in "
+                              f"class_names {names}")
+        found = [(f"{name}/{f.rel}", code[safe_id(name)], f)
+                 for name, files in classes for f in files]
         _refuse_reached_twice(root, [(sid, f.real) for sid, _, f in found])
         samples = [Sample(safe_id(sid), label, os.path.join(root, *sid.split("/")))
                    for sid, label, _ in found]

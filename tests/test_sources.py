@@ -422,6 +422,11 @@ def test_name_that_is_not_utf8_gets_a_utf8_id_and_keeps_its_path(tmp_path):
     assert src.ids == ["a/caf\\xe9.png", "a/ok.png"]
     src.ids[0].encode("utf-8")  # what HDF5's UTF-8 strings and the shard files need
     assert src.load(0).getpixel((0, 0)) == (9, 9, 9)
+    os.rename(folder, os.fsencode(tmp_path / "a") + b"\xff")  # a class folder's name too
+    src = open_source(tmp_path)
+    assert src.class_names == ["a\\xff"] and src.ids == ["a\\xff/caf\\xe9.png", "a\\xff/ok.png"]
+    assert src.load(0).getpixel((0, 0)) == (9, 9, 9)
+    folder = os.fsencode(tmp_path / "a") + b"\xff"
     raw = os.fsdecode(os.path.join(folder, b"caf\xe9.png"))
     listed = open_source([raw])
     assert listed.ids == [os.fsencode(raw).decode("utf-8", "backslashreplace")]
