@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
+from featurepipe.display import escape
 from featurepipe.exceptions import FeaturePipeError
 
 EXIT_ERROR = 1
@@ -102,7 +103,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
                  + (", compiled" if report.compiled else "") + ")"
                  if report.n_computed else ""))
     for sid, reason in report.skipped:
-        print(f"  skipped {sid}: {reason}")
+        print(f"  skipped {escape(sid)}: {escape(reason)}")
     return 0
 
 
@@ -118,10 +119,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                  "n_labelled", "created", "updated"):
         if name in info:
             print(f"  {name:15s} {info[name]}")
-    print(f"  {'classes':15s} {', '.join(map(str, info.get('classes', []))) or '-'}")
+    print(f"  {'classes':15s} {', '.join(map(escape, info.get('classes', []))) or '-'}")
     print(f"  {'n_skipped':15s} {info['n_skipped']}")
     for item in info["skipped"][:50]:
-        print(f"    {item['id']}: {item['reason']}")
+        print(f"    {escape(item['id'])}: {escape(item['reason'])}")
     if len(info.get("entries", [])) > 1:
         print("  other entries in this file:")
         for e in info["entries"]:

@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from featurepipe.exceptions import ConfigError, SpecMismatchError
+from featurepipe.display import escape
+from featurepipe.exceptions import ConfigError, SourceError, SpecMismatchError
 from featurepipe.store import FeatureStore
 
 __all__ = ["FitResult", "fit_store", "register"]
@@ -299,7 +300,12 @@ def _expand(items: list[str]) -> tuple[list[str], list[str]]:
     paths, shown = [], []
     for item in items:
         if os.path.isdir(item):
-            for sample in open_source(item).samples:
+            try:
+                samples = open_source(item).samples
+            except SourceError as exc:  # an empty folder must not cost the other files
+                _say(f"featurepipe: warning: skipped {escape(item)}: {escape(exc)}")
+                continue
+            for sample in samples:
                 paths.append(sample.path or sample.id)
                 shown.append(os.path.join(item, sample.id))
         else:
@@ -333,7 +339,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         from featurepipe.report import markdown_table
 
         kind = model.score_kind
-        table = [{"file": r["file"], "label": r["label"], kind: r["score"],
+        table = [{"file": escape(r["file"]), "label": r["label"], kind: r["score"],
                   f"top-{args.top_k}": ", ".join(f"{t['label']} {t['score']:.3f}"
                                                  for t in r["top_k"])} for r in rows]
         if table:
@@ -341,7 +347,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if kind == "decision":
             print("(scores are decision-function values: this head has no probabilities)")
         for item in skipped:
-            print(f"skipped {item['file']}: {item['reason']}")
+            print(f"skipped {escape(item['file'])}: {escape(item['reason'])}")
     if not rows:
         _say(f"featurepipe: error: none of the {len(paths)} images could be embedded")
         return 1

@@ -6,9 +6,19 @@ or :func:`array_to_image` (arrays), so training and inference see identical pixe
 always surfaces as a :class:`~featurepipe.exceptions.DecodeError` with a short, stable ``reason``
 that the feature store records in its skipped-file list:
 
-``missing``, ``not a file``, ``empty file``, ``not an image``, ``truncated``,
-``too large (W x H pixels > LIMIT)``, ``unsupported format X``, ``unsupported mode X``,
+``missing``, ``not a regular file``, ``symlink loop``, ``empty file``, ``not an image``,
+``truncated``, ``too large (W x H pixels > LIMIT)``, ``aspect ratio W:H over the limit (R:1)``,
+``content is X, extension says Y``, ``unsupported format X``, ``unsupported mode X``,
 ``unreadable: <detail>``.
+
+Hostile files: a file is checked with ``os.stat`` (a regular file, not empty) before it is
+opened, and opened without blocking, so a FIFO or device named ``x.jpg`` is refused instead of
+hanging the run. Its content must match its extension (a TIFF named ``.png`` is refused). A
+one-scan JPEG cut short and given a fresh end-of-image marker (which libjpeg decodes without
+error, filling the rest grey) reads ``truncated``: Pillow decodes it with the final marker
+replaced by padding, so a scan that lacks data runs out of input instead (only a cut inside
+the last few bytes of the scan, part of the last block, can pass unnoticed; progressive JPEGs
+are not checked this way, as their later scans only refine an already complete image).
 
 Decisions that change pixels (and therefore features) live in :class:`DecodePolicy`, whose
 :meth:`DecodePolicy.to_dict` is part of the feature-store entry key.
@@ -17,14 +27,16 @@ Decisions that change pixels (and therefore features) live in :class:`DecodePoli
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
+import io
 import os
 import re
 import stat
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -34,6 +46,7 @@ from featurepipe.exceptions import ConfigError, DecodeError
 __all__ = [
     "DEFAULT_FORMATS",
     "DRAFT_GAP",
+    "EXTENSION_FORMATS",
     "IMAGE_EXTENSIONS",
     "DecodePolicy",
     "array_to_image",
@@ -63,6 +76,24 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset({
 DRAFT_GAP = 2.0
 
 _JPEG_SOI, _JPEG_EOI = b"\xff\xd8\xff", b"\xff\xd9"
+_JPEG_SOS = b"\xff\xda"
+# Stands in for a one-scan JPEG's final EOI marker (see decode_image): stuffed 0xFF bytes are
+# one-bits to the entropy decoder, enough for libjpeg-turbo's bit-buffer read-ahead (up to
+# 57 bits) past the last block, so an intact scan completes while a cut one runs dry.
+_JPEG_TAIL_PAD = b"\xff\x00" * 8
+
+#: PIL formats a file's extension allows: content that disagrees is refused, so a file is
+#: decoded by the decoder its name promises (and a TIFF named .png does not slip past a review).
+EXTENSION_FORMATS: dict[str, frozenset[str]] = {
+    **dict.fromkeys((".jpg", ".jpeg", ".jpe", ".jfif", ".mpo"), frozenset({"JPEG", "MPO"})),
+    **dict.fromkeys((".png", ".apng"), frozenset({"PNG"})),
+    **dict.fromkeys((".tif", ".tiff"), frozenset({"TIFF"})),
+    **dict.fromkeys((".pbm", ".pgm", ".ppm", ".pnm"), frozenset({"PPM"})),
+    ".bmp": frozenset({"BMP", "DIB"}),
+    ".gif": frozenset({"GIF"}),
+    ".ico": frozenset({"ICO"}),
+    ".webp": frozenset({"WEBP"}),
+}
 _EXIF_ORIENTATION = 0x0112
 
 # Leading bytes of formats we know, so a file cut inside its header reads "truncated",
@@ -97,6 +128,13 @@ class DecodePolicy:
     reduce_on_load : bool, default True
         Let JPEGs decode at a reduced DCT scale when the caller passes ``target_size``
         (see :data:`DRAFT_GAP`); the result is never smaller than the target.
+    max_aspect_ratio : float or None, default 100.0
+        Images whose longer side exceeds this many times the shorter one are refused as
+        ``aspect ratio W:H over the limit`` (checked from the header, like ``max_pixels``).
+        Preprocessing scales the *shorter* side to the crop size, so a 1,000,000 x 1 image
+        under the pixel limit would otherwise ask for a buffer a million crops wide; with the
+        limit, the resized image is at most this many crops wide. None: no limit. It enters
+        :meth:`to_dict` only when not the default, so existing store keys stay valid.
 
     Examples
     --------
@@ -109,6 +147,7 @@ class DecodePolicy:
     exif_transpose: bool = True
     formats: tuple[str, ...] = DEFAULT_FORMATS
     reduce_on_load: bool = True
+    max_aspect_ratio: float | None = 100.0
 
     def __post_init__(self) -> None:
         bg = tuple(self.background)
@@ -121,10 +160,17 @@ class DecodePolicy:
         if isinstance(self.formats, str) or not all(isinstance(f, str) for f in self.formats):
             raise ConfigError(f"DecodePolicy.formats must be a sequence of PIL format names; "
                               f"got {self.formats!r}")
+        ratio = self.max_aspect_ratio
+        if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float))
+                                  or not ratio >= 1 or ratio == float("inf")):
+            raise ConfigError(f"DecodePolicy.max_aspect_ratio must be a finite number >= 1 or "
+                              f"None; got {ratio!r}")
         # Frozen: normalise through object.__setattr__ so equal policies hash and key equally.
         object.__setattr__(self, "background", tuple(int(c) for c in bg))
         object.__setattr__(self, "max_pixels", int(self.max_pixels))
         object.__setattr__(self, "formats", tuple(sorted({f.upper() for f in self.formats})))
+        if ratio is not None:
+            object.__setattr__(self, "max_aspect_ratio", float(ratio))
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON-able form that goes into the feature-store entry key.
@@ -133,15 +179,22 @@ class DecodePolicy:
         -------
         dict
             ``background`` (list), ``max_pixels``, ``exif_transpose``, ``formats`` (sorted list),
-            ``reduce_on_load``.
+            ``reduce_on_load``; ``max_aspect_ratio`` only when it differs from the default, so
+            the default policy keys stores exactly as before the field existed.
         """
-        return {
+        parts: dict[str, Any] = {
             "background": list(self.background),
             "max_pixels": self.max_pixels,
             "exif_transpose": bool(self.exif_transpose),
             "formats": list(self.formats),
             "reduce_on_load": bool(self.reduce_on_load),
         }
+        if self.max_aspect_ratio != _DEFAULT_ASPECT_RATIO:
+            parts["max_aspect_ratio"] = self.max_aspect_ratio
+        return parts
+
+
+_DEFAULT_ASPECT_RATIO = DecodePolicy.max_aspect_ratio
 
 
 def decode_image(
@@ -186,9 +239,8 @@ def decode_image(
     policy = DecodePolicy() if policy is None else policy
     path_str = os.fspath(path)
     target = None if target_size is None else _shorter_side(target_size)
-    _check_file(path_str)
     with _quiet_pil(), _decode_errors(path_str):
-        with Image.open(path_str) as img:
+        with _open_regular(path_str) as fh, Image.open(_strict_jpeg(fh)) as img:
             _check_header(path_str, img, policy)
             if policy.reduce_on_load and target is not None:
                 _draft(img, target)
@@ -216,7 +268,10 @@ def decode_image_tensor(
     (``tests/test_decode_tensor.py`` pins that), without Pillow's Python-level work and the copy
     out of a PIL image: 0.68 instead of 0.92 ms per 500x375 photo, and the decoder releases the
     GIL for the whole call. Any other file -- or any error -- goes through
-    :func:`decode_image`, which names the problem.
+    :func:`decode_image`, which names the problem. So does a JPEG whose bottom-right pixel is
+    what a block with no data decodes to (grey 128, or any grey for a colour JPEG, whose
+    missing chroma is neutral): libjpeg fills a scan cut short that way without an error
+    Python could see, and :func:`decode_image` tells a cut file from a genuinely grey corner.
     """
     import torch
 
@@ -227,7 +282,9 @@ def decode_image_tensor(
     decode_jpeg = _torchvision_decode_jpeg()
     if data is not None and decode_jpeg is not None and is_plain_jpeg(data, policy, target):
         with contextlib.suppress(Exception):  # decode_image names whatever went wrong
-            return decode_jpeg(torch.frombuffer(data, dtype=torch.uint8))
+            pixels = decode_jpeg(torch.frombuffer(data, dtype=torch.uint8))
+            if not _may_be_cut(pixels, data):
+                return pixels
     rgb = decode_image(path_str, policy, target_size)
     return torch.from_numpy(np.array(rgb)).permute(2, 0, 1)
 
@@ -237,20 +294,23 @@ def is_plain_jpeg(data: bytes | bytearray, policy: DecodePolicy, target: int | N
     """True when libjpeg-turbo alone, at full scale, gives what :func:`decode_image` would.
 
     That is: an allowed JPEG (not MPO), 8-bit Huffman-coded, RGB or grey, within
-    ``max_pixels``, intact (ends with the EOI marker; a cut file must read "truncated"), upright
-    (no EXIF or XMP orientation to apply) and, with ``reduce_on_load`` and a ``target``, too small
-    for a reduced-scale decode. Only the header's markers are read, in plain Python: Pillow's
-    ``Image.open`` holds the GIL, which decode threads queue on (with it, two threads decoded
-    the benchmark photos in 1.020 ms per photo; with no check at all, 0.935). Anything
-    unexpected answers False, and :func:`decode_image` takes the file. Used by
+    ``max_pixels`` and ``max_aspect_ratio``, intact (ends with the EOI marker; a cut file must
+    read "truncated"), upright (no EXIF or XMP orientation to apply) and, with
+    ``reduce_on_load`` and a ``target``, too small for a reduced-scale decode. Only the
+    header's markers are read, in plain Python: Pillow's ``Image.open`` holds the GIL, which
+    decode threads would queue on. Anything unexpected answers False, and
+    :func:`decode_image` takes the file. Used by
     :func:`decode_image_tensor` and the GPU decoder.
     """
     if not data.startswith(_JPEG_SOI) or "JPEG" not in policy.formats:
         return False
     if not bytes(data[-16:]).rstrip(b"\x00\r\n ").endswith(_JPEG_EOI):
         return False
-    size = _plain_jpeg_size(data, policy.exif_transpose)
-    if size is None or size[0] * size[1] > policy.max_pixels:
+    frame = _plain_jpeg_size(data, policy.exif_transpose)
+    if frame is None:
+        return False
+    size = frame[:2]
+    if size[0] * size[1] > policy.max_pixels or _aspect_over(size, policy):
         return False
     return not (policy.reduce_on_load and target is not None
                 and _draft_factor("JPEG", size, target) > 1)
@@ -264,13 +324,14 @@ _SOF_OTHER = frozenset({0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0x
 _XMP = b"http://ns.adobe.com/xap/1.0/"
 
 
-def _plain_jpeg_size(data: bytes | bytearray, exif_transpose: bool) -> tuple[int, int] | None:
-    """``(width, height)`` from the markers before the first scan, or None unless the header is
-    plain (see :func:`is_plain_jpeg`): one 8-bit Huffman frame of 1 or 3 components, no MPO
-    index, and -- when ``exif_transpose`` -- EXIF orientation 1 or none and no XMP orientation
-    (Pillow reads XMP's when EXIF has none)."""
+def _plain_jpeg_size(data: bytes | bytearray, exif_transpose: bool
+                     ) -> tuple[int, int, int] | None:
+    """``(width, height, components)`` from the markers before the first scan, or None unless
+    the header is plain (see :func:`is_plain_jpeg`): one 8-bit Huffman frame of 1 or 3
+    components, no MPO index, and -- when ``exif_transpose`` -- EXIF orientation 1 or none and
+    no XMP orientation (Pillow reads XMP's when EXIF has none)."""
     pos, end = 2, len(data)
-    size: tuple[int, int] | None = None
+    size: tuple[int, int, int] | None = None
     exif_seen = False
     while pos + 4 <= end:
         if data[pos] != 0xFF:
@@ -294,7 +355,7 @@ def _plain_jpeg_size(data: bytes | bytearray, exif_transpose: bool) -> tuple[int
             width = int.from_bytes(segment[3:5], "big")
             if not (height and width):
                 return None
-            size = (width, height)
+            size = (width, height, segment[5])
         elif marker in _SOF_OTHER:
             return None
         elif marker == 0xE1 and exif_transpose:
@@ -359,30 +420,119 @@ def _torchvision_decode_jpeg() -> Any:
 
 
 def read_jpeg_bytes(path: str | os.PathLike[str]) -> bytearray | None:
-    """The file's bytes when it starts like a JPEG, else None (without reading the rest)."""
+    """The file's bytes when it is a regular file that starts like a JPEG, else None (without
+    reading the rest; a FIFO or device is never opened, so this cannot block)."""
     try:
-        with open(path, "rb", buffering=0) as fh:
+        with _open_regular(os.fspath(path)) as fh:
             head = fh.read(3)
             if head != _JPEG_SOI:
                 return None
             # A writable buffer: torch.frombuffer warns on read-only ones.
-            return bytearray(head) + fh.readall()
-    except OSError:
+            return bytearray(head) + fh.read()
+    except (OSError, DecodeError):
         return None  # decode_image names the problem
+
+
+def _open_regular(path: str) -> BinaryIO:
+    """Open ``path`` for reading only when it is a non-empty regular file, else DecodeError.
+
+    ``os.stat`` comes first, so a FIFO (whose open blocks until a writer appears) or a device
+    is never opened; the open itself is non-blocking and checked again with ``fstat``, so a
+    file swapped for a FIFO in between cannot hang the caller either.
+    """
+    _check_file(path)
+    try:
+        flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+        fd = os.open(path, flags)
+    except OSError as exc:
+        raise _stat_error(path, exc) from None
+    try:
+        _check_mode(path, os.fstat(fd))
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _check_file(path: str) -> None:
     """Cheap checks before Pillow sees the file: it exists, is a regular file, is not empty."""
     try:
         st = os.stat(path)
-    except FileNotFoundError:
-        raise DecodeError(path, "missing") from None
     except OSError as exc:
-        raise DecodeError(path, f"unreadable: {_detail(exc)}") from None
+        raise _stat_error(path, exc) from None
+    _check_mode(path, st)
+
+
+def _check_mode(path: str, st: os.stat_result) -> None:
     if not stat.S_ISREG(st.st_mode):  # a FIFO would block, a directory cannot be decoded
-        raise DecodeError(path, "not a file")
+        raise DecodeError(path, "not a regular file")
     if st.st_size == 0:
         raise DecodeError(path, "empty file")
+
+
+def _stat_error(path: str, exc: OSError) -> DecodeError:
+    if isinstance(exc, FileNotFoundError):
+        return DecodeError(path, "missing")
+    if exc.errno == errno.ELOOP:
+        return DecodeError(path, "symlink loop")
+    return DecodeError(path, f"unreadable: {_detail(exc)}")
+
+
+def _strict_jpeg(fh: BinaryIO) -> BinaryIO:
+    """What Pillow should read: for a one-scan sequential JPEG, its bytes with the final EOI
+    marker replaced by padding, so a scan cut short fails as truncated (see the module
+    docstring); any other file as it is."""
+    if fh.read(3) != _JPEG_SOI:
+        fh.seek(0)
+        return fh
+    data = _JPEG_SOI + fh.read()
+    eoi = _one_scan_eoi(data)
+    if eoi is None:
+        return io.BytesIO(data)
+    return io.BytesIO(data[:eoi] + _JPEG_TAIL_PAD)
+
+
+def _one_scan_eoi(data: bytes) -> int | None:
+    """Offset of the final EOI of a sequential (baseline or extended) JPEG with one scan, or
+    None (progressive, several scans or images, data after the EOI, unparsable header)."""
+    end = len(data.rstrip(b"\x00\r\n "))
+    if data[end - 2:end] != _JPEG_EOI:
+        return None
+    pos, sequential = 2, False
+    while pos + 4 <= end:
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:
+            pos += 1
+            continue
+        if marker == 0xDA:
+            one_scan = data.find(_JPEG_SOS, pos + 2, end) == -1
+            return end - 2 if sequential and one_scan else None
+        if marker == 0x01 or 0xD0 <= marker <= 0xD9:
+            return None
+        if marker in (0xC0, 0xC1):
+            sequential = True
+        elif marker in _SOF_OTHER or marker == 0xC2:
+            return None
+        pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+    return None
+
+
+def _may_be_cut(pixels: Any, data: bytes | bytearray) -> bool:
+    """True when a fast-path decode may hide a cut scan: its bottom-right pixel is what a block
+    without data decodes to (all coefficients zero: grey 128; in a colour JPEG, whose luma may
+    have arrived before the chroma ran out, any neutral grey)."""
+    r, g, b = pixels[:, -1, -1].tolist()
+    if not r == g == b:
+        return False
+    frame = _plain_jpeg_size(data, False)
+    return r == 128 or frame is None or frame[2] == 3
+
+
+def _aspect_over(size: tuple[int, int], policy: DecodePolicy) -> bool:
+    limit = policy.max_aspect_ratio
+    return limit is not None and max(size) > limit * min(size)
 
 
 @contextlib.contextmanager
@@ -425,13 +575,20 @@ def _decode_errors(path: str) -> Iterator[None]:
 
 
 def _check_header(path: str, img: Image.Image, policy: DecodePolicy) -> None:
-    """Refuse disallowed formats and oversized images before any pixel data is decoded."""
+    """Refuse content that is not what the extension says, disallowed formats, oversized and
+    overly elongated images, before any pixel data is decoded."""
     fmt = img.format or "unknown"
+    ext = os.path.splitext(path)[1].lower()
+    if ext in EXTENSION_FORMATS and fmt not in EXTENSION_FORMATS[ext]:
+        raise DecodeError(path, f"content is {fmt}, extension says {ext[1:].upper()}")
     if fmt not in policy.formats:
         raise DecodeError(path, f"unsupported format {fmt}")
     width, height = img.size
     if width * height > policy.max_pixels:
         raise DecodeError(path, f"too large ({width} x {height} pixels > {policy.max_pixels})")
+    if _aspect_over(img.size, policy):
+        raise DecodeError(path, f"aspect ratio {width}:{height} over the limit "
+                                f"({policy.max_aspect_ratio:g}:1)")
 
 
 def _is_int(value: object) -> bool:
@@ -642,9 +799,9 @@ def _check_float_range(a: np.ndarray) -> None:
 def _has_known_magic(path: str) -> bool:
     """True if the file starts like an image format we know (so a failed open means truncation)."""
     try:
-        with open(path, "rb") as fh:
+        with _open_regular(path) as fh:
             head = fh.read(16)
-    except OSError:
+    except (OSError, DecodeError):
         return False
     return head.startswith(_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
 

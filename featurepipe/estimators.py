@@ -37,7 +37,7 @@ from featurepipe.exceptions import (
 )
 from featurepipe.identity import differing_parts, entry_key, key_parts
 from featurepipe.records import SkippedFile
-from featurepipe.sources import ImageSource, Sample, open_source
+from featurepipe.sources import ImageSource, Sample, open_source, safe_id
 from featurepipe.store import FeatureStore
 
 __all__ = ["ImageEmbedder", "clear_caches", "drop_bad"]
@@ -137,7 +137,7 @@ def _keyed_source(X: Any) -> tuple[ImageSource, list[str], np.ndarray]:
     if src.array is not None:
         ids = [f"array:{fp.partition(':')[2]}" for fp in fps]
     else:
-        ids = [os.path.abspath(s.path or s.id) for s in src.samples]
+        ids = [safe_id(os.path.abspath(s.path or s.id)) for s in src.samples]
     first: dict[str, int] = {}  # id -> first position
     for pos, id_ in enumerate(ids):
         first.setdefault(id_, pos)

@@ -24,6 +24,7 @@ import hashlib
 import os
 import posixpath
 import re
+import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +40,7 @@ from featurepipe.decode import (
     decode_image,
     decode_image_tensor,
 )
+from featurepipe.display import escape
 from featurepipe.exceptions import ConfigError, SourceError
 
 __all__ = [
@@ -51,6 +53,7 @@ __all__ = [
     "load_fashion_mnist",
     "open_source",
     "read_idx",
+    "safe_id",
 ]
 
 KINDS = ("folder", "flat", "manifest", "paths", "array", "idx")
@@ -250,6 +253,25 @@ class ImageSource:
             return "unreadable"
         return f"{st.st_size}:{st.st_mtime_ns}"
 
+    def require_unique_ids(self) -> None:
+        """Raise SourceError naming the first id listed twice.
+
+        A feature store keeps one row per id, so whatever writes one calls this before any work
+        (a folder scan and a CSV manifest give unique ids already; a path list may repeat a
+        path, which is fine for prediction or resampling but not for a store).
+
+        Raises
+        ------
+        SourceError
+            Naming the id (the path as given) and both positions.
+        """
+        first: dict[str, int] = {}
+        for pos, id_ in enumerate(self._ids):
+            other = first.setdefault(id_, pos)
+            if other != pos:
+                raise SourceError(f"{escape(id_)} is listed twice (items {other} and {pos}); "
+                                  "a feature store keeps one row per image, so list each once")
+
     def subset(self, indices: Sequence[int] | np.ndarray) -> ImageSource:
         """A new source with the samples at ``indices`` (ints or a boolean mask), in that order.
 
@@ -293,6 +315,28 @@ def _need(value: Any, sample: Sample, what: str) -> Any:
     return value
 
 
+def safe_id(name: str) -> str:
+    """A sample id that any UTF-8 store can hold, made from a file name or path.
+
+    Linux file names are bytes; one that is not valid UTF-8 reaches Python with each bad byte
+    as a lone surrogate (:func:`os.fsdecode`), which HDF5's UTF-8 strings cannot hold. Such a
+    byte becomes the four characters ``\\xNN`` in the id (the file's ``path`` keeps the real
+    name); every valid UTF-8 name is its own id, unchanged.
+
+    Examples
+    --------
+    >>> safe_id("cat/a.jpg")
+    'cat/a.jpg'
+    >>> safe_id(os.fsdecode(b"cat/caf\\xe9.jpg"))
+    'cat/caf\\\\xe9.jpg'
+    """
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return os.fsencode(name).decode("utf-8", "backslashreplace")
+    return name
+
+
 def _row_fingerprint(row: np.ndarray) -> str:
     h = hashlib.blake2b(digest_size=8)
     h.update(np.ascontiguousarray(row).data)
@@ -301,6 +345,10 @@ def _row_fingerprint(row: np.ndarray) -> str:
 
 
 def _sha256_file(path: str) -> str:
+    """The file's sha256; OSError for anything but a regular file, which is never opened (a
+    FIFO would block the open)."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise OSError(f"{path}: not a regular file")
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(_HASH_CHUNK), b""):
@@ -323,14 +371,23 @@ def open_source(
     obj : str, PathLike, sequence of paths, numpy.ndarray or ImageSource
         * a folder with one subfolder per class (class names = sorted subfolder names, images
           found recursively, ids ``"cat/001.jpg"``), or a folder of images only (``"flat"``,
-          unlabelled). Only files with a suffix in ``IMAGE_EXTENSIONS`` count; hidden files and
-          folders (leading ``.``) are ignored; symlinks are followed.
-        * a ``.csv`` manifest with a ``path`` column and an optional ``label`` column; relative
-          paths are resolved against the CSV's folder; ids are the paths as written (POSIX).
+          unlabelled). Only names with a suffix in ``IMAGE_EXTENSIONS`` count (whatever they
+          are: a FIFO or a broken link named ``x.jpg`` is kept and skipped with its reason when
+          decoded); hidden files and folders (leading ``.``) are ignored. Symlinks, to files
+          and to folders, are followed, with two guards: a folder link back to a folder being
+          scanned (a loop) is not entered again, and one file reached through two paths (say
+          ``cat/dogs -> ../dog``, which would give the dog images a second, wrong label) is a
+          SourceError naming both. A name that is not valid UTF-8 gets an id by
+          :func:`safe_id`.
+        * a ``.csv`` manifest with a ``path`` column and an optional ``label`` column; absolute
+          paths are used as they are, relative ones are joined to the CSV's folder (``../``
+          included: a manifest may point beside its folder, as a shell path would); ids are
+          the paths as written (POSIX-normalised).
         * an IDX file (``*-idx3-ubyte[.gz]``); labels come from the matching ``*-labels-idx1-*``
           file next to it when present; ids ``"<file name without .gz>[<i>]"``, so a
           decompressed copy keeps the same ids.
-        * a single image file, or a list/tuple of image paths (ids = the paths as given).
+        * a single image file, or a list/tuple of image paths (ids = the paths as given, by
+          :func:`safe_id`; a path may repeat, see :meth:`ImageSource.require_unique_ids`).
         * an array ``(N, H, W)`` or ``(N, H, W, C)``, C in 1, 3, 4 (ids ``"array[<i>]"``;
           fingerprints hash the row contents, so a different array is never mistaken for it).
         * an ImageSource, returned as is (relabelled when ``labels``/``class_names`` are given).
@@ -381,6 +438,8 @@ def _from_path(path: str, class_names: Sequence[str] | None) -> ImageSource:
         raise SourceError(f"no such file or directory: {path}")
     if os.path.isdir(path):
         return _from_folder(path, class_names)
+    if not os.path.isfile(path):  # reading a FIFO to sniff its kind would block
+        raise SourceError(f"{escape(path)}: not a folder or a regular file")
     if path.lower().endswith(".csv"):
         return _from_manifest(path, class_names)
     if _is_idx(path):
@@ -502,49 +561,88 @@ def _from_folder(root: str, class_names: Sequence[str] | None = None) -> ImageSo
     classes = [(name, files) for name in subdirs
                if (files := _scan_images(os.path.join(root, name), {_dir_key(root)}))]
     if classes and loose:
-        shown = ", ".join(name for name, _ in classes[:5])
+        shown = ", ".join(escape(name) for name, _ in classes[:5])
         raise SourceError(
-            f"{root}: {len(loose)} image(s) (e.g. {loose[0]}) lie directly in the folder next to "
-            f"class folders ({shown}); move them into a class folder, or pass a CSV manifest or "
-            "a list of paths")
+            f"{escape(root)}: {len(loose)} image(s) (e.g. {escape(loose[0].rel)}) lie directly "
+            f"in the folder next to class folders ({shown}); move them into a class folder, or "
+            "pass a CSV manifest or a list of paths")
     if classes:
-        names = [name for name, _ in classes] if class_names is None else list(class_names)
+        # Class names go into the store like ids, so a folder name that is not UTF-8 is made safe.
+        names = ([safe_id(name) for name, _ in classes] if class_names is None
+                 else list(class_names))
         code = {name: k for k, name in enumerate(names)}
-        unknown = [name for name, _ in classes if name not in code]
+        unknown = [safe_id(name) for name, _ in classes if safe_id(name) not in code]
         if unknown:
-            raise SourceError(f"{root}: class folders {unknown[:5]} are not in class_names {names}")
-        samples = [Sample(f"{name}/{rel}", code[name],
-                          os.path.join(root, name, *rel.split("/")))
-                   for name, files in classes for rel in files]
+            raise SourceError(f"{escape(root)}: class folders {unknown[:5]} are not in "
+                              f"class_names {names}")
+        found = [(f"{name}/{f.rel}", code[safe_id(name)], f)
+                 for name, files in classes for f in files]
+        _refuse_reached_twice(root, [(sid, f.real) for sid, _, f in found])
+        samples = [Sample(safe_id(sid), label, os.path.join(root, *sid.split("/")))
+                   for sid, label, _ in found]
         return ImageSource(samples, names, root=root, kind="folder")
     if loose:
-        samples = [Sample(rel, -1, os.path.join(root, rel)) for rel in loose]
+        _refuse_reached_twice(root, [(f.rel, f.real) for f in loose])
+        samples = [Sample(safe_id(f.rel), -1, os.path.join(root, f.rel)) for f in loose]
         return ImageSource(samples, class_names, root=root, kind="flat")
     raise SourceError(f"no images found in {root} (looked for {_ext_list()}, case-insensitive, "
                       "in the folder and its subfolders; hidden files are ignored)")
 
 
-def _list_dir(folder: str) -> tuple[list[str], list[str]]:
-    """Sorted visible subfolder names and image file names directly in ``folder``."""
-    dirs, files = [], []
+@dataclass(frozen=True)
+class _Found:
+    """An image file found by a folder scan: its path relative to the scanned folder and where
+    it really lives (real folder's device and inode, file name; None when that cannot be told,
+    e.g. a symlink loop, which decoding then reports)."""
+
+    rel: str
+    real: tuple[int, int, str] | None
+
+
+def _list_dir(folder: str) -> tuple[list[str], list[_Found]]:
+    """Sorted visible subfolder names and image-named entries directly in ``folder``.
+
+    Every image-named entry that is not a folder counts, whatever it is (FIFO, dangling or
+    looping symlink, device): decoding then skips it with a reason the user sees, rather than
+    the scan dropping it unseen.
+    """
+    dirs: list[str] = []
+    files: list[_Found] = []
     try:
+        folder_key = _dir_key(folder)
         with os.scandir(folder) as it:
             for entry in it:
                 if entry.name.startswith("."):
                     continue
-                if entry.is_dir():
+                try:
+                    is_dir = entry.is_dir()
+                except OSError:  # a symlink loop: not a folder we can enter
+                    is_dir = False
+                if is_dir:
                     dirs.append(entry.name)
-                elif _is_image_name(entry.name) and entry.is_file():
-                    files.append(entry.name)
+                elif _is_image_name(entry.name):
+                    real = (*folder_key, entry.name)
+                    files.append(_Found(entry.name, _real_file(entry.path)
+                                        if entry.is_symlink() else real))
     except OSError as exc:
-        raise SourceError(f"{folder}: cannot list folder: {exc.strerror or exc}") from None
-    return sorted(dirs), sorted(files)
+        raise SourceError(f"{escape(folder)}: cannot list folder: {exc.strerror or exc}") from None
+    return sorted(dirs), sorted(files, key=lambda f: f.rel)
 
 
-def _scan_images(folder: str, seen: set[tuple[int, int]]) -> list[str]:
-    """Image files under ``folder``, recursively, as sorted POSIX paths relative to it.
+def _real_file(path: str) -> tuple[int, int, str] | None:
+    """Where a symlinked file really lives, as (folder device, folder inode, name)."""
+    try:
+        real = os.path.realpath(path, strict=True)  # strict: a loop or dangling link raises
+        return (*_dir_key(os.path.dirname(real)), os.path.basename(real))
+    except (OSError, SourceError):
+        return None
 
-    Symlinked folders are followed once each (``seen`` holds device/inode pairs against loops).
+
+def _scan_images(folder: str, seen: set[tuple[int, int]]) -> list[_Found]:
+    """Image files under ``folder``, recursively, sorted by their POSIX path relative to it.
+
+    Symlinked folders are followed; ``seen`` holds the device/inode pairs of the folders on the
+    way down, so a link back to one of them (a loop) is not entered again.
     """
     key = _dir_key(folder)
     if key in seen:
@@ -553,12 +651,35 @@ def _scan_images(folder: str, seen: set[tuple[int, int]]) -> list[str]:
     dirs, files = _list_dir(folder)
     found = list(files)
     for name in dirs:
-        found.extend(f"{name}/{rel}" for rel in _scan_images(os.path.join(folder, name), seen))
-    return sorted(found)
+        found.extend(_Found(f"{name}/{f.rel}", f.real)
+                     for f in _scan_images(os.path.join(folder, name), seen))
+    return sorted(found, key=lambda f: f.rel)
+
+
+def _refuse_reached_twice(root: str, found: Sequence[tuple[str, tuple[int, int, str] | None]]
+                          ) -> None:
+    """SourceError naming both paths when one file is reached twice (through a symlink).
+
+    In a class folder that would embed the same image twice, and under a second label when the
+    link crosses into another class (``cat/dogs -> ../dog``).
+    """
+    first: dict[tuple[int, int, str], str] = {}
+    for rel, real in found:
+        if real is None:
+            continue
+        other = first.setdefault(real, rel)
+        if other != rel:
+            raise SourceError(
+                f"{escape(root)}: {escape(other)} and {escape(rel)} are the same file (reached "
+                "twice through a symlink); remove the link, or pass a CSV manifest or a list "
+                "of paths")
 
 
 def _dir_key(folder: str) -> tuple[int, int]:
-    st = os.stat(folder)
+    try:
+        st = os.stat(folder)
+    except OSError as exc:
+        raise SourceError(f"{escape(folder)}: cannot open folder: {exc.strerror or exc}") from None
     return st.st_dev, st.st_ino
 
 
@@ -577,7 +698,8 @@ def _from_manifest(csv_path: str, class_names: Sequence[str] | None = None) -> I
     csv_path = os.path.abspath(csv_path)
     folder = os.path.dirname(csv_path)
     rows = _read_manifest(csv_path)
-    samples = [Sample(rel, -1, os.path.join(folder, *rel.split("/"))) for _, rel, _ in rows]
+    samples = [Sample(rel, -1, rel if posixpath.isabs(rel)
+                      else os.path.join(folder, *rel.split("/"))) for _, rel, _ in rows]
     source = ImageSource(samples, [], root=folder, kind="manifest")
     texts = [label for _, _, label in rows]
     if not any(texts):
@@ -655,7 +777,7 @@ def _from_sequence(items: Sequence[Any]) -> ImageSource:
     if bad is not None:
         raise ConfigError(f"a list source must hold file paths (str or PathLike); found "
                           f"{type(bad).__name__}")
-    samples = [Sample(os.fspath(p), -1, os.path.abspath(p)) for p in items]
+    samples = [Sample(safe_id(os.fspath(p)), -1, os.path.abspath(p)) for p in items]
     return ImageSource(samples, [], root=None, kind="paths")
 
 

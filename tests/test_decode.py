@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import pathlib
@@ -13,10 +14,14 @@ from PIL import Image
 
 from featurepipe.decode import (
     DRAFT_GAP,
+    EXTENSION_FORMATS,
     IMAGE_EXTENSIONS,
     DecodePolicy,
     array_to_image,
     decode_image,
+    decode_image_tensor,
+    is_plain_jpeg,
+    read_jpeg_bytes,
     to_rgb,
 )
 from featurepipe.exceptions import ConfigError, DecodeError
@@ -161,7 +166,7 @@ def test_missing_empty_directory_and_not_an_image(tmp_path):
     assert reason(tmp_path / "nope.jpg") == "missing"
     (tmp_path / "empty.jpg").write_bytes(b"")
     assert reason(tmp_path / "empty.jpg") == "empty file"
-    assert reason(tmp_path) == "not a file"
+    assert reason(tmp_path) == "not a regular file"
     (tmp_path / "text.jpg").write_text("hello, I am not a JPEG\n")
     assert reason(tmp_path / "text.jpg") == "not an image"
 
@@ -335,3 +340,98 @@ def test_image_extensions_cover_default_formats():
     assert all(e.startswith(".") and e == e.lower() for e in IMAGE_EXTENSIONS)
     registered = Image.registered_extensions()
     assert {registered[e] for e in IMAGE_EXTENSIONS} <= set(DecodePolicy().formats)
+
+
+# -- hostile files -------------------------------------------------------------------------
+
+
+def _jpeg_bytes(arr: np.ndarray, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", **kwargs)
+    return buf.getvalue()
+
+
+@pytest.mark.timeout(60)
+def test_fifo_named_like_an_image_is_refused_without_blocking(tmp_path):
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)  # opening it for reading would wait for a writer forever
+    assert reason(fifo) == "not a regular file"
+    with pytest.raises(DecodeError, match="not a regular file"):
+        decode_image_tensor(fifo)
+    assert read_jpeg_bytes(fifo) is None
+
+
+def test_symlink_loop_is_a_reason(tmp_path):
+    os.symlink(tmp_path / "b.jpg", tmp_path / "a.jpg")
+    os.symlink(tmp_path / "a.jpg", tmp_path / "b.jpg")
+    assert reason(tmp_path / "a.jpg") == "symlink loop"
+
+
+def test_extreme_aspect_ratio_is_refused_from_the_header(tmp_path):
+    # Under the pixel limit, yet a resize of the short side to the crop size would need a
+    # buffer hundreds of crops wide.
+    wide = save(Image.new("RGB", (20_000, 10)), tmp_path / "wide.png")
+    assert reason(wide) == "aspect ratio 20000:10 over the limit (100:1)"
+    tall = save(Image.new("L", (3, 301)), tmp_path / "tall.png")
+    assert reason(tall) == "aspect ratio 3:301 over the limit (100:1)"
+    assert decode_image(save(Image.new("RGB", (1000, 10)), tmp_path / "ok.png")).size == (1000, 10)
+    assert decode_image(wide, DecodePolicy(max_aspect_ratio=None)).size == (20_000, 10)
+    jpeg = tmp_path / "wide.jpg"
+    jpeg.write_bytes(_jpeg_bytes(np.zeros((8, 1600, 3), dtype=np.uint8)))
+    assert not is_plain_jpeg(jpeg.read_bytes(), DecodePolicy())  # the fast path checks it too
+    with pytest.raises(DecodeError, match="aspect ratio 1600:8 over the limit"):
+        decode_image_tensor(jpeg)
+    with pytest.raises(ConfigError, match="max_aspect_ratio"):
+        DecodePolicy(max_aspect_ratio=0.5)
+
+
+def test_default_policy_keys_stores_as_before_the_aspect_limit():
+    # The store key hashes to_dict(): the default must stay byte-identical to older releases.
+    assert json.dumps(DecodePolicy().to_dict(), sort_keys=True) == (
+        '{"background": [255, 255, 255], "exif_transpose": true, "formats": ["BMP", "GIF", '
+        '"ICO", "JPEG", "MPO", "PNG", "PPM", "TIFF", "WEBP"], "max_pixels": 64000000, '
+        '"reduce_on_load": true}')
+    assert DecodePolicy(max_aspect_ratio=20).to_dict()["max_aspect_ratio"] == 20.0
+    assert DecodePolicy(max_aspect_ratio=None).to_dict()["max_aspect_ratio"] is None
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+@pytest.mark.parametrize("fraction", [0.3, 0.6, 0.9])
+def test_jpeg_cut_short_and_given_an_end_marker_reads_truncated(tmp_path, mode, fraction):
+    rng = np.random.default_rng(7)
+    arr = rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)
+    data = _jpeg_bytes(arr if mode == "RGB" else arr[..., 0], quality=90)
+    path = tmp_path / "cut.jpg"
+    # libjpeg decodes this without an error, filling the rest of the image grey.
+    path.write_bytes(data[: int(len(data) * fraction)] + b"\xff\xd9")
+    assert reason(path) == "truncated"
+    with pytest.raises(DecodeError, match="truncated"):
+        decode_image_tensor(path)  # the torchvision fast path must not hide it either
+
+
+def test_intact_jpeg_with_a_grey_corner_still_decodes(tmp_path):
+    arr = np.random.default_rng(3).integers(0, 256, (64, 80, 3), dtype=np.uint8)
+    arr[-16:, -16:] = 128  # what a block without data decodes to: a suspect, not a cut
+    path = tmp_path / "corner.jpg"
+    path.write_bytes(_jpeg_bytes(arr, quality=95))
+    pil = np.asarray(decode_image(path))
+    assert pil.shape == (64, 80, 3)
+    assert np.array_equal(decode_image_tensor(path).permute(1, 2, 0).numpy(), pil)
+
+
+def _other_format(allowed: frozenset[str]) -> str:
+    return "TIFF" if "TIFF" not in allowed else "PNG"
+
+
+@pytest.mark.parametrize("ext", sorted(EXTENSION_FORMATS))
+def test_content_must_match_the_extension(tmp_path, ext):
+    fmt = _other_format(EXTENSION_FORMATS[ext])
+    path = save(Image.new("RGB", (8, 8), RED), tmp_path / f"x{ext}", format=fmt)
+    assert reason(path) == f"content is {fmt}, extension says {ext[1:].upper()}"
+    with pytest.raises(DecodeError, match=f"content is {fmt}"):
+        decode_image_tensor(path)
+
+
+def test_unknown_extension_is_not_checked(tmp_path):
+    path = save(Image.new("RGB", (8, 8), RED), tmp_path / "x.data", format="PNG")
+    assert decode_image(path).getpixel((0, 0)) == RED

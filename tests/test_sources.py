@@ -369,3 +369,97 @@ def test_image_source_constructor_validates():
         ImageSource([Sample("a")])
     src = ImageSource([Sample("a", 1, "/x/a.png")], ["n0", "n1"])
     assert repr(src) == "ImageSource(kind='paths', n=1, classes=2, root=None)"
+
+
+# -- hostile folders, manifests and lists ---------------------------------------------------
+
+
+def test_symlinked_folder_into_another_class_is_refused_naming_both(tmp_path):
+    png(tmp_path / "cat" / "c.png", 1)
+    png(tmp_path / "dog" / "d.png", 2)
+    os.symlink("../dog", tmp_path / "cat" / "dogs")  # would give dog/d.png a second label
+    with pytest.raises(SourceError, match=r"cat/dogs/d\.png and dog/d\.png are the same file"):
+        open_source(tmp_path)
+
+
+def test_symlinked_file_reached_twice_is_refused(tmp_path):
+    png(tmp_path / "cat" / "c.png", 1)
+    png(tmp_path / "dog" / "d.png", 2)
+    os.symlink(tmp_path / "dog" / "d.png", tmp_path / "cat" / "also.png")
+    with pytest.raises(SourceError, match=r"cat/also\.png and dog/d\.png are the same file"):
+        open_source(tmp_path)
+
+
+def test_symlinked_folder_outside_the_root_is_followed(tmp_path):
+    png(tmp_path / "elsewhere" / "y.png", 3)
+    png(tmp_path / "root" / "a" / "x.png", 1)
+    os.symlink(tmp_path / "elsewhere", tmp_path / "root" / "a" / "more")
+    assert open_source(tmp_path / "root").ids == ["a/more/y.png", "a/x.png"]
+
+
+def test_symlink_loop_and_fifo_in_a_class_folder_are_skipped_entries(tmp_path):
+    png(tmp_path / "a" / "x.png", 1)
+    png(tmp_path / "b" / "y.png", 2)
+    os.symlink("loop2.jpg", tmp_path / "a" / "loop1.jpg")
+    os.symlink("loop1.jpg", tmp_path / "a" / "loop2.jpg")
+    os.mkfifo(tmp_path / "b" / "pipe.jpg")
+    src = open_source(tmp_path)
+    assert src.ids == ["a/loop1.jpg", "a/loop2.jpg", "a/x.png", "b/pipe.jpg", "b/y.png"]
+    assert src.load(2).getpixel((0, 0)) == (1, 1, 1)
+    for i, why in [(0, "symlink loop"), (1, "symlink loop"), (3, "not a regular file")]:
+        with pytest.raises(DecodeError) as info:
+            src.load_tensor(i)
+        assert info.value.reason == why
+    assert src.fingerprint(0) == "unreadable"  # os.stat cannot follow the loop either
+
+
+def test_name_that_is_not_utf8_gets_a_utf8_id_and_keeps_its_path(tmp_path):
+    folder = os.fsencode(tmp_path / "a")
+    os.makedirs(folder)
+    Image.new("RGB", (4, 4), (9, 9, 9)).save(os.path.join(folder, b"caf\xe9.png"))
+    png(tmp_path / "a" / "ok.png")
+    src = open_source(tmp_path)
+    assert src.ids == ["a/caf\\xe9.png", "a/ok.png"]
+    src.ids[0].encode("utf-8")  # what HDF5's UTF-8 strings and the shard files need
+    assert src.load(0).getpixel((0, 0)) == (9, 9, 9)
+    os.rename(folder, os.fsencode(tmp_path / "a") + b"\xff")  # a class folder's name too
+    src = open_source(tmp_path)
+    assert src.class_names == ["a\\xff"] and src.ids == ["a\\xff/caf\\xe9.png", "a\\xff/ok.png"]
+    assert src.load(0).getpixel((0, 0)) == (9, 9, 9)
+    folder = os.fsencode(tmp_path / "a") + b"\xff"
+    raw = os.fsdecode(os.path.join(folder, b"caf\xe9.png"))
+    listed = open_source([raw])
+    assert listed.ids == [os.fsencode(raw).decode("utf-8", "backslashreplace")]
+    assert listed.load(0).getpixel((0, 0)) == (9, 9, 9)
+
+
+def test_manifest_absolute_paths_are_used_as_they_are(tmp_path):
+    png(tmp_path / "far" / "abs.png", 5)
+    png(tmp_path / "data" / "rel.png", 6)
+    png(tmp_path / "beside.png", 7)
+    manifest = tmp_path / "data" / "list.csv"
+    manifest.write_text(f"path\n{tmp_path / 'far' / 'abs.png'}\nrel.png\n../beside.png\n")
+    src = open_source(manifest)
+    assert src.ids == [str(tmp_path / "far" / "abs.png"), "rel.png", "../beside.png"]
+    assert [src.load(i).getpixel((0, 0))[0] for i in range(3)] == [5, 6, 7]
+
+
+def test_path_list_listing_a_file_twice_is_refused_before_a_store_is_written(tmp_path):
+    a, b = png(tmp_path / "a.png"), png(tmp_path / "b.png")
+    src = open_source([str(a), str(b), str(a)])  # fine for prediction or resampling
+    with pytest.raises(SourceError, match=rf"{a} is listed twice \(items 0 and 2\)"):
+        src.require_unique_ids()
+    open_source([str(a), str(b)]).require_unique_ids()
+
+
+@pytest.mark.timeout(60)
+def test_fifo_is_never_opened_to_sniff_or_hash(tmp_path):
+    good = png(tmp_path / "a" / "x.png")
+    os.mkfifo(tmp_path / "a" / "pipe.jpg")
+    src = open_source([str(tmp_path / "a" / "pipe.jpg"), str(good)])
+    assert src.fingerprint(0, content_hash=True) == "unreadable"  # --content-hash
+    assert src.fingerprint(1, content_hash=True).startswith("sha256:")
+    for name in ("pipe.csv", "pipe-idx3-ubyte", "pipe.jpg"):
+        os.mkfifo(tmp_path / name)
+        with pytest.raises(SourceError, match=f"{name}: not a folder or a regular file"):
+            open_source(tmp_path / name)

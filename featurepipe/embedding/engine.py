@@ -125,7 +125,7 @@ def run_embed(source: Any, store: str | os.PathLike | FeatureStore, backbone: Ba
     fs = store if isinstance(store, FeatureStore) else FeatureStore(store)
     fs.check_writable()  # before scanning the source or loading anything
     src = open_source(source, labels=labels)
-    src.require_unique_ids()
+    src.require_unique_ids()  # before any work: the commit keeps one row per id
     desc: Backbone | BackboneDescription = (
         loaded_backbone if loaded_backbone is not None else describe_backbone(backbone))
     parts = key_parts(desc, opts.decode_policy, prec, opts.dtype, opts.decoder)
