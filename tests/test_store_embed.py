@@ -12,7 +12,8 @@ import torch
 
 from featurepipe.backbones import load_backbone, resolve_spec
 from featurepipe.cli import main
-from featurepipe.embed import embed, refuse_other_specs
+from featurepipe.embed import embed
+from featurepipe.embedding import refuse_other_specs
 from featurepipe.exceptions import SpecMismatchError, StoreError
 from featurepipe.store import FeatureStore
 from tests.helpers import TINY, write_good_images
