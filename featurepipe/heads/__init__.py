@@ -43,10 +43,16 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_array, check_is_fitted, column_or_1d, validate_data
 
 from featurepipe.exceptions import ConfigError, FeaturePipeWarning
+from featurepipe.heads.kernel import EXACT_MAX_ROWS, RBFKernelClassifier
+from featurepipe.heads.kernel import SVM_RBF_GRID as SVM_RBF_GRID
+from featurepipe.heads.probe import DEFAULT_CS, LogisticProbeCV
 
 __all__ = [
+    "EXACT_MAX_ROWS",
     "HEAD_PRESETS",
+    "LogisticProbeCV",
     "OutOfCoreSGDClassifier",
+    "RBFKernelClassifier",
     "ScaledGammaSVC",
     "chosen_params",
     "fit_head",
@@ -57,12 +63,8 @@ HEAD_PRESETS: tuple[str, ...] = ("logreg", "linear-svm", "svm-rbf", "knn", "ridg
 
 # Search grids. Each is symmetric around a sensible default: when a class is too small for
 # cross-validation, fit_head falls back to the middle value ((len - 1) // 2) of every grid.
-LOGREG_CS: tuple[float, ...] = tuple(float(c) for c in np.logspace(-4, 2, 7))
+LOGREG_CS: tuple[float, ...] = DEFAULT_CS
 LINEAR_SVM_CS: tuple[float, ...] = LOGREG_CS
-SVM_RBF_GRID: dict[str, tuple[float, ...]] = {
-    "C": (0.1, 1.0, 10.0),
-    "gamma_scale": (0.1, 1.0, 10.0),
-}
 KNN_NEIGHBORS: tuple[int, ...] = (1, 5, 10, 20)
 RIDGE_ALPHAS: tuple[float, ...] = tuple(float(a) for a in np.logspace(-2, 6, 9))
 
@@ -71,7 +73,10 @@ RIDGE_ALPHAS: tuple[float, ...] = tuple(float(a) for a in np.logspace(-2, 6, 9))
 LOGREG_MAX_ITER = 1000
 LINEAR_SVM_MAX_ITER = 10_000
 
-_SEARCHES = (GridSearchCV, RandomizedSearchCV, LogisticRegressionCV, RidgeClassifierCV)
+_SEARCHES = (GridSearchCV, RandomizedSearchCV, LogisticRegressionCV, RidgeClassifierCV,
+             LogisticProbeCV, RBFKernelClassifier)
+#: Searches that draw their own progress bar when their ``verbose`` is set.
+_PROGRESS_SEARCHES = (LogisticProbeCV, RBFKernelClassifier)
 
 
 # --------------------------------------------------------------------------------------------
@@ -94,12 +99,16 @@ def make_head(
         classifier (created with its defaults, plus ``random_state`` / ``n_jobs`` when it takes
         them), or a classifier object (cloned, never modified).
 
-        - ``logreg``: ``StandardScaler`` + multinomial L2 ``LogisticRegressionCV`` (lbfgs), ``C``
-          from :data:`LOGREG_CS` by stratified K-fold CV (the linear-probe protocol of Kornblith
-          et al., 2019).
+        - ``logreg``: ``StandardScaler`` + :class:`LogisticProbeCV`, multinomial L2 logistic
+          regression (float32 L-BFGS), ``C`` from :data:`LOGREG_CS` along a warm-started path,
+          validated by stratified K-fold CV, or by one stratified split from
+          ``LogisticProbeCV.split_threshold`` rows on (the linear-probe protocol of Kornblith
+          et al., 2019); refit on all rows at the chosen ``C``.
         - ``linear-svm``: ``StandardScaler`` + ``LinearSVC(dual="auto")``, ``C`` by grid search.
-        - ``svm-rbf``: ``StandardScaler`` + RBF ``SVC``; ``C`` and ``gamma_scale`` (``gamma`` as a
-          multiple of sklearn's ``"scale"`` heuristic) by grid search; decision scores only.
+        - ``svm-rbf``: ``StandardScaler`` + :class:`RBFKernelClassifier`: up to
+          :data:`EXACT_MAX_ROWS` rows an exact RBF ``SVC`` with ``C`` and ``gamma_scale``
+          (``gamma`` as a multiple of sklearn's ``"scale"`` heuristic) by grid search (decision
+          scores only); past it a Nystroem approximation of the kernel + :class:`LogisticProbeCV`.
         - ``knn``: cosine ``KNeighborsClassifier``, ``n_neighbors`` from :data:`KNN_NEIGHBORS` by
           grid search (:func:`fit_head` drops values larger than the training folds).
         - ``ridge``: ``StandardScaler`` + ``RidgeClassifierCV``, ``alpha`` by efficient
@@ -175,46 +184,14 @@ def _import_head(spec: str, *, random_state: int | None, n_jobs: int | None) -> 
     return estimator.set_params(**{k: v for k, v in overrides.items() if k in known})
 
 
-def _logreg_cv_kwargs() -> dict[str, Any]:
-    """Opt in to the non-deprecated LogisticRegressionCV behaviour where this sklearn warns.
-
-    sklearn 1.8-1.9 warn unless ``l1_ratios`` and ``use_legacy_attributes`` are given; later
-    versions make these values the defaults (and warn when they are passed), so ask the defaults.
-    """
-    defaults = LogisticRegressionCV().get_params()
-    kwargs: dict[str, Any] = {}
-    if isinstance(defaults.get("l1_ratios"), str):
-        kwargs["l1_ratios"] = (0.0,)
-    if isinstance(defaults.get("use_legacy_attributes"), str):
-        kwargs["use_legacy_attributes"] = False
-    return kwargs
-
-
 def _logreg(folds: StratifiedKFold, random_state: int | None, n_jobs: int | None) -> Pipeline:
-    """StandardScaler + LogisticRegressionCV (chosen over GridSearchCV(LogisticRegression)).
+    """StandardScaler + LogisticProbeCV: float32, warm-started C path, one split when n is large.
 
-    Measured with sklearn 1.9.1 on 5000 x 1280 float32 synthetic features, 10 classes, the 7 Cs,
-    5 folds, n_jobs=1, 3 interleaved runs each, LogisticRegressionCV vs GridSearchCV:
-    one BLAS thread: 3.6-3.7 s (one 10.6 s outlier) vs 3.3-4.4 s (Gaussian clusters) and
-    3.9-4.1 s vs 4.3-4.5 s (ReLU features), a tie, because lbfgs meets tol=1e-4 in <= 20
-    iterations from a cold start so warm starts save little; two BLAS threads on a busy 2-core
-    box: 11-15 s vs 12-19 s, and 79-111 s vs 178 s under heavy load. LogisticRegressionCV was
-    never slower beyond noise.
-
-    dtype: StandardScaler and LogisticRegression (lbfgs) keep float32, but LogisticRegressionCV
-    converts X to float64 in fit, so the search holds a float64 copy of the features (2x float32).
+    ``n_jobs`` is not used: the probe's matrix products run on the BLAS threads.
     """
-    search = LogisticRegressionCV(
-        Cs=list(LOGREG_CS),
-        cv=folds,
-        scoring="accuracy",
-        solver="lbfgs",
-        max_iter=LOGREG_MAX_ITER,
-        n_jobs=n_jobs,
-        random_state=random_state,
-        **_logreg_cv_kwargs(),
-    )
-    return make_pipeline(StandardScaler(), search)
+    probe = LogisticProbeCV(Cs=LOGREG_CS, cv=int(folds.n_splits), max_iter=LOGREG_MAX_ITER,
+                            random_state=random_state)
+    return make_pipeline(StandardScaler(), probe)
 
 
 def _linear_svm(folds: StratifiedKFold, random_state: int | None, n_jobs: int | None) -> Pipeline:
@@ -224,9 +201,8 @@ def _linear_svm(folds: StratifiedKFold, random_state: int | None, n_jobs: int | 
 
 
 def _svm_rbf(folds: StratifiedKFold, random_state: int | None, n_jobs: int | None) -> Pipeline:
-    grid = {name: list(values) for name, values in SVM_RBF_GRID.items()}
-    search = GridSearchCV(ScaledGammaSVC(random_state=random_state), grid, cv=folds, n_jobs=n_jobs)
-    return make_pipeline(StandardScaler(), search)
+    kernel = RBFKernelClassifier(cv=int(folds.n_splits), random_state=random_state)
+    return make_pipeline(StandardScaler(), kernel)
 
 
 def _knn(folds: StratifiedKFold, random_state: int | None, n_jobs: int | None) -> GridSearchCV:
@@ -278,7 +254,7 @@ def chosen_params(fitted: BaseEstimator) -> dict[str, Any]:
     for estimator in _pipeline_steps(fitted):
         if hasattr(estimator, "best_params_"):
             found.update(estimator.best_params_)
-        elif isinstance(estimator, LogisticRegressionCV):
+        elif isinstance(estimator, LogisticRegressionCV | LogisticProbeCV):
             found["C"] = float(np.ravel(estimator.C_)[0])
         elif isinstance(estimator, RidgeClassifierCV):
             found["alpha"] = float(estimator.alpha_)
@@ -317,7 +293,9 @@ def _to_builtin(value: Any) -> Any:
 # fit_head
 
 
-def fit_head(estimator: BaseEstimator, X: ArrayLike, y: ArrayLike) -> tuple[BaseEstimator, dict]:
+def fit_head(
+    estimator: BaseEstimator, X: ArrayLike, y: ArrayLike, *, progress: bool = False
+) -> tuple[BaseEstimator, dict]:
     """Fit a head, adapting its cross-validation to classes too small for it.
 
     When the smallest class has fewer samples than a search has folds, the search runs with as
@@ -335,6 +313,9 @@ def fit_head(estimator: BaseEstimator, X: ArrayLike, y: ArrayLike) -> tuple[Base
         Features; float16 is converted to float32 (sklearn would otherwise upcast to float64).
     y : array-like of shape (n_samples,)
         Class labels.
+    progress : bool, default=False
+        Show a tqdm bar on stderr (which C, which split) for the searches that can draw one
+        (the ``logreg`` and approximate ``svm-rbf`` presets).
 
     Returns
     -------
@@ -365,11 +346,16 @@ def fit_head(estimator: BaseEstimator, X: ArrayLike, y: ArrayLike) -> tuple[Base
     fitted, notes, fixed = _adapt_searches(clone(estimator), labels, counts)
     for note in notes:
         warnings.warn(note, FeaturePipeWarning, stacklevel=2)
+    shown = [s for _, s in _find_searches(fitted) if isinstance(s, _PROGRESS_SEARCHES)]
+    for search in shown if progress else []:
+        search.set_params(verbose=1)
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         fitted.fit(features, target)
     seconds = time.perf_counter() - start
+    for search in shown:  # the saved model should not draw bars in someone else's process
+        search.set_params(verbose=0)
     raised = _reissue_once(caught)
     info = {
         "fit_seconds": seconds,
@@ -479,6 +465,13 @@ def _fixed_estimator(search: BaseEstimator) -> tuple[BaseEstimator, dict[str, An
         return clone(search.estimator).set_params(**params), params
     if isinstance(search, RandomizedSearchCV):
         return clone(search.estimator), {}
+    if isinstance(search, LogisticProbeCV):
+        c = float(_middle(sorted(search.Cs)))
+        return LogisticRegression(C=c, max_iter=search.max_iter, tol=search.tol), {"C": c}
+    if isinstance(search, RBFKernelClassifier):
+        params = {"C": float(_middle(search.Cs)),
+                  "gamma_scale": float(_middle(search.gamma_scales))}
+        return ScaledGammaSVC(random_state=search.random_state, **params), params
     if isinstance(search, LogisticRegressionCV):
         # n_jobs is deprecated on LogisticRegression (sklearn 1.8) and only parallelises folds.
         shared = LogisticRegression().get_params().keys() & search.get_params().keys() - {"n_jobs"}
