@@ -5,8 +5,8 @@ unpenalised intercept, sklearn's objective ``mean log-loss + ||W||^2 / (2 C n)``
 ``scipy.optimize`` L-BFGS on float32 matrix products, and chooses ``C`` on the training rows only:
 
 * the C path runs from strong to weak regularisation, each fit warm-started from the previous
-  one, and stops early once the validation score has fallen clearly below the best for two Cs in
-  a row (weakly regularised fits are the slow ones and rarely win on noisy features);
+  one, and stops at the first C that improves neither the best validation accuracy nor the best
+  log-loss (weakly regularised fits are the slow ones, and past that point they only overfit);
 * above ``split_threshold`` rows one stratified validation split is used (large validation sets
   already measure accuracy to a fraction of a point), below it stratified K-fold;
 * ties are broken honestly: every C whose accuracy is within one binomial standard error of the
@@ -133,10 +133,10 @@ class LogisticProbeCV(ClassifierMixin, BaseEstimator):
     val_size : float, default=0.2
         Validation fraction of the single split.
     patience : int or None, default=1
-        Stop the C path after this many Cs in a row scored clearly below the best (more than one
-        standard error, and with a higher log-loss than the best); ``None`` runs every C.
-        Validation curves along an L2 path are unimodal in practice, so one clearly worse C
-        marks the far side of the optimum.
+        Stop the C path after this many Cs in a row that improve neither the best accuracy nor
+        the best log-loss so far; ``None`` runs every C.
+        Validation curves along an L2 path are unimodal in practice, so one such C marks the
+        far side of the optimum.
     max_iter : int, default=1000
         L-BFGS iterations per fit.
     tol : float, default=1e-4
@@ -276,9 +276,8 @@ class LogisticProbeCV(ClassifierMixin, BaseEstimator):
                         bar.update(1)
                 acc[i], loss[i] = hits / n_val, nll / n_val
                 solutions.append(np.mean(previous, axis=0))
-                best = int(np.nanargmax(acc))
-                worse = (acc[i] < acc[best] - _noise(acc[best], n_val)
-                         and loss[i] > np.nanmin(loss))
+                # Past the optimum: no better accuracy and a worse log-loss than seen so far.
+                worse = acc[i] <= np.nanmax(acc[:i], initial=-1.0) and loss[i] > np.nanmin(loss)
                 bad = bad + 1 if worse else 0
                 if self.patience is not None and bad >= self.patience:
                     break
