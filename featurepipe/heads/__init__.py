@@ -55,6 +55,7 @@ __all__ = [
     "RBFKernelClassifier",
     "ScaledGammaSVC",
     "chosen_params",
+    "fixed_head",
     "fit_head",
     "make_head",
 ]
@@ -289,6 +290,52 @@ def _to_builtin(value: Any) -> Any:
     return repr(value)
 
 
+def fixed_head(fitted: BaseEstimator) -> BaseEstimator:
+    """An unfitted copy of a fitted head with every search replaced by what it chose.
+
+    Refitting it on more rows (all labelled rows, after an evaluation split) trains the same
+    model without searching again.
+
+    Parameters
+    ----------
+    fitted : BaseEstimator
+        A fitted head, e.g. from :func:`fit_head`.
+
+    Returns
+    -------
+    estimator : BaseEstimator
+        Unfitted; a head without searches comes back as a plain clone.
+    """
+    check_is_fitted(fitted)
+    fixed = clone(fitted)
+    for path, search in _find_searches(fitted):
+        fixed = _replace(fixed, path, _chosen_estimator(search))
+    return fixed
+
+
+def _chosen_estimator(search: BaseEstimator) -> BaseEstimator:
+    if isinstance(search, GridSearchCV | RandomizedSearchCV):
+        return clone(search.estimator).set_params(**search.best_params_)
+    if isinstance(search, LogisticProbeCV):
+        return clone(search).set_params(Cs=(float(search.C_),))
+    if isinstance(search, RBFKernelClassifier):
+        params = search.best_params_
+        if not search.approximate_:
+            return ScaledGammaSVC(C=params["C"], gamma_scale=params["gamma_scale"],
+                                  random_state=search.random_state)
+        return clone(search).set_params(exact_max_rows=0, probe_Cs=(params["C"],))
+    if isinstance(search, LogisticRegressionCV):
+        shared = LogisticRegression().get_params().keys() & search.get_params().keys() - {"n_jobs"}
+        logreg = LogisticRegression(**{k: search.get_params()[k] for k in shared})
+        return logreg.set_params(C=float(np.ravel(search.C_)[0]))
+    return RidgeClassifier(alpha=float(search.alpha_), fit_intercept=search.fit_intercept,
+                           class_weight=search.class_weight)
+
+
+def _is_frozen_kernel(search: RBFKernelClassifier) -> bool:
+    return search.exact_max_rows == 0 and len(search.probe_Cs) == 1
+
+
 # --------------------------------------------------------------------------------------------
 # fit_head
 
@@ -436,6 +483,10 @@ def _find_searches(estimator: BaseEstimator) -> list[tuple[str, BaseEstimator]]:
 
 def _n_splits(search: BaseEstimator) -> int | None:
     """Folds of a stratified K-fold search; None for leave-one-out or custom splitters."""
+    if isinstance(search, LogisticProbeCV) and len(search.Cs) == 1:
+        return None  # a single C is fit without validation
+    if isinstance(search, RBFKernelClassifier) and _is_frozen_kernel(search):
+        return None
     cv = search.cv
     if cv is None:
         return None if isinstance(search, RidgeClassifierCV) else 5

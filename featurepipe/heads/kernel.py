@@ -25,7 +25,7 @@ from sklearn.utils.metaestimators import available_if
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from featurepipe.heads.probe import LogisticProbeCV
+from featurepipe.heads.probe import DEFAULT_CS, LogisticProbeCV
 
 __all__ = ["EXACT_MAX_ROWS", "RBFKernelClassifier", "SVM_RBF_GRID"]
 
@@ -57,6 +57,8 @@ class RBFKernelClassifier(ClassifierMixin, BaseEstimator):
         Nystroem landmarks (capped at the number of rows).
     gamma_scale : float, default=1.0
         The approximation's ``gamma`` as a multiple of ``1 / (n_features * X.var())``.
+    probe_Cs : sequence of float, default=DEFAULT_CS
+        The approximation's logistic ``C`` candidates.
     cv : int, default=5
         Stratified folds of the searches.
     random_state : int or None, default=0
@@ -84,6 +86,7 @@ class RBFKernelClassifier(ClassifierMixin, BaseEstimator):
         gamma_scales: Sequence[float] = _GAMMA_SCALES,
         n_components: int = 2000,
         gamma_scale: float = 1.0,
+        probe_Cs: Sequence[float] = DEFAULT_CS,
         cv: int = 5,
         random_state: int | None = 0,
         verbose: int = 0,
@@ -93,6 +96,7 @@ class RBFKernelClassifier(ClassifierMixin, BaseEstimator):
         self.gamma_scales = gamma_scales
         self.n_components = n_components
         self.gamma_scale = gamma_scale
+        self.probe_Cs = probe_Cs
         self.cv = cv
         self.random_state = random_state
         self.verbose = verbose
@@ -136,7 +140,7 @@ class RBFKernelClassifier(ClassifierMixin, BaseEstimator):
                                   n_components=min(int(self.n_components), len(y)),
                                   random_state=self.random_state)),
             ("scale", StandardScaler()),
-            ("probe", LogisticProbeCV(cv=self.cv, random_state=self.random_state,
+            ("probe", LogisticProbeCV(Cs=self.probe_Cs, cv=self.cv, random_state=self.random_state,
                                       verbose=self.verbose)),
         ]).fit(X, y)
         self.best_params_ = {"C": float(self.model_[-1].C_), "gamma_scale": float(self.gamma_scale),

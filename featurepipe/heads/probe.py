@@ -125,7 +125,8 @@ class LogisticProbeCV(ClassifierMixin, BaseEstimator):
     Parameters
     ----------
     Cs : sequence of float, default=DEFAULT_CS
-        Candidate inverse regularisation strengths (searched from small to large).
+        Candidate inverse regularisation strengths (searched from small to large); a single
+        value is fit directly, without validation.
     cv : int, default=5
         Stratified folds below ``split_threshold`` rows (fewer when a class is smaller).
     split_threshold : int, default=20000
@@ -219,8 +220,11 @@ class LogisticProbeCV(ClassifierMixin, BaseEstimator):
         if not cs or min(cs) <= 0:
             raise ValueError(f"Cs must be positive floats, got {self.Cs!r}")
         k = len(self.classes_)
-        splits = self._splits(codes)
-        if splits:
+        splits = self._splits(codes) if len(cs) > 1 else []
+        if len(cs) == 1:  # nothing to choose: one fit at that C
+            chosen, start = cs[0], None
+            self.cv_results_ = {"C": cs, "splits": 0, "note": "one C given: no search"}
+        elif splits:
             chosen, start = self._search(X, codes, k, cs, splits)
         else:  # a class too small to validate on: the middle of the grid, no search
             chosen, start = cs[(len(cs) - 1) // 2], None
