@@ -315,8 +315,6 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from featurepipe.model import save_model
 
     check_writable(args.out)
-    if not args.quiet and not args.json:
-        _say(f"fitting {args.head} on {args.store} ...")
     result = fit_store(args.store, args.head, key=args.key, cv=args.cv,
                        test_size=args.test_size, test_store=args.test, seed=args.seed,
                        chunk_rows=args.chunk_rows, refit=not args.no_refit,
