@@ -221,6 +221,17 @@ def test_probe_shows_progress_only_when_asked(split, capsys):
     assert fitted[-1].verbose == 0  # the saved head draws no bars
 
 
+@pytest.mark.parametrize("preset", ["linear-svm", "knn", "svm-rbf"])
+def test_grid_searches_show_progress_and_keep_their_scoring(preset, split, capsys):
+    X_train, _, y_train, _ = split
+    fitted, _ = fit_head(make_head(preset, cv=2), X_train, y_train, progress=True)
+    err = capsys.readouterr().err
+    assert re.search(r"(GridSearchCV|RBF SVC search).*fit/s", err)
+    search = fitted if isinstance(fitted, GridSearchCV) else fitted[-1]
+    search = getattr(search, "model_", search)  # the kernel head's inner exact search
+    assert search.scoring is None and type(search.scorer_).__name__ == "_PassthroughScorer"
+
+
 def test_kernel_head_switches_to_nystroem_past_the_row_threshold(split):
     X_train, X_test, y_train, y_test = split
     exact = RBFKernelClassifier(exact_max_rows=len(y_train), cv=3).fit(X_train, y_train)

@@ -20,6 +20,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack
 from typing import Any
 
 import numpy as np
@@ -46,6 +47,7 @@ from featurepipe.exceptions import ConfigError, FeaturePipeWarning
 from featurepipe.heads.kernel import EXACT_MAX_ROWS, RBFKernelClassifier
 from featurepipe.heads.kernel import SVM_RBF_GRID as SVM_RBF_GRID
 from featurepipe.heads.probe import DEFAULT_CS, LogisticProbeCV
+from featurepipe.heads.progress import search_progress
 
 __all__ = [
     "EXACT_MAX_ROWS",
@@ -361,8 +363,7 @@ def fit_head(
     y : array-like of shape (n_samples,)
         Class labels.
     progress : bool, default=False
-        Show a tqdm bar on stderr (which C, which split) for the searches that can draw one
-        (the ``logreg`` and approximate ``svm-rbf`` presets).
+        Show a tqdm bar on stderr over each search's fits (which C or candidate, which fold).
 
     Returns
     -------
@@ -393,12 +394,16 @@ def fit_head(
     fitted, notes, fixed = _adapt_searches(clone(estimator), labels, counts)
     for note in notes:
         warnings.warn(note, FeaturePipeWarning, stacklevel=2)
-    shown = [s for _, s in _find_searches(fitted) if isinstance(s, _PROGRESS_SEARCHES)]
+    searches = _find_searches(fitted)
+    shown = [s for _, s in searches if isinstance(s, _PROGRESS_SEARCHES)]
     for search in shown if progress else []:
         search.set_params(verbose=1)
     start = time.perf_counter()
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, ExitStack() as bars:
         warnings.simplefilter("always")
+        for _, search in searches if progress else []:
+            folds, name = _n_splits(search), _search_name(search)
+            bars.enter_context(search_progress(search, folds, desc=name))
         fitted.fit(features, target)
     seconds = time.perf_counter() - start
     for search in shown:  # the saved model should not draw bars in someone else's process

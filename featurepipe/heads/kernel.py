@@ -26,6 +26,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from featurepipe.heads.probe import DEFAULT_CS, LogisticProbeCV
+from featurepipe.heads.progress import search_progress
 
 __all__ = ["EXACT_MAX_ROWS", "RBFKernelClassifier", "SVM_RBF_GRID"]
 
@@ -129,7 +130,9 @@ class RBFKernelClassifier(ClassifierMixin, BaseEstimator):
             grid = {"C": list(self.Cs), "gamma_scale": list(self.gamma_scales)}
             search = GridSearchCV(ScaledGammaSVC(random_state=self.random_state), grid, cv=folds,
                                   verbose=0)
-            self.model_ = search.fit(X, y)
+            with search_progress(search, folds.n_splits if self.verbose else None,
+                                 desc="RBF SVC search"):
+                self.model_ = search.fit(X, y)
             self.best_params_ = {k: float(v) for k, v in search.best_params_.items()}
             return self
         X = X.astype(np.float32, copy=False)
