@@ -116,14 +116,14 @@ class RBFKernelClassifier(ClassifierMixin, BaseEstimator):
         """
         from featurepipe.heads import ScaledGammaSVC  # the package root defines the exact SVC
 
-        X, y = validate_data(self, X, y, dtype=[np.float32, np.float64])
-        check_classification_targets(y)
-        self.classes_ = np.unique(y)
+        features, target = validate_data(self, X, y, dtype=[np.float32, np.float64])
+        check_classification_targets(target)
+        self.classes_ = np.unique(target)
         if len(self.classes_) < 2:
             raise ValueError(
                 f"need samples of at least 2 classes in the data, got 1 class: {self.classes_}")
-        smallest = int(np.unique(y, return_counts=True)[1].min())
-        self.approximate_ = len(y) > self.exact_max_rows
+        smallest = int(np.unique(target, return_counts=True)[1].min())
+        self.approximate_ = len(target) > self.exact_max_rows
         if not self.approximate_:
             folds = StratifiedKFold(min(int(self.cv), max(smallest, 2)), shuffle=True,
                                     random_state=self.random_state)
@@ -132,20 +132,20 @@ class RBFKernelClassifier(ClassifierMixin, BaseEstimator):
                                   verbose=0)
             with search_progress(search, folds.n_splits if self.verbose else None,
                                  desc="RBF SVC search"):
-                self.model_ = search.fit(X, y)
+                self.model_ = search.fit(features, target)
             self.best_params_ = {k: float(v) for k, v in search.best_params_.items()}
             return self
-        X = X.astype(np.float32, copy=False)
-        variance = float(X.var(dtype=np.float64))
-        gamma = self.gamma_scale / (X.shape[1] * variance) if variance > 0 else 1.0
+        features = features.astype(np.float32, copy=False)
+        variance = float(features.var(dtype=np.float64))
+        gamma = self.gamma_scale / (features.shape[1] * variance) if variance > 0 else 1.0
         self.model_ = Pipeline([
             ("nystroem", Nystroem(kernel="rbf", gamma=gamma,
-                                  n_components=min(int(self.n_components), len(y)),
+                                  n_components=min(int(self.n_components), len(target)),
                                   random_state=self.random_state)),
             ("scale", StandardScaler()),
             ("probe", LogisticProbeCV(Cs=self.probe_Cs, cv=self.cv, random_state=self.random_state,
                                       verbose=self.verbose)),
-        ]).fit(X, y)
+        ]).fit(features, target)
         self.best_params_ = {"C": float(self.model_[-1].C_), "gamma_scale": float(self.gamma_scale),
                              "n_components": int(self.model_[0].n_components)}
         return self

@@ -279,7 +279,7 @@ class LogisticProbeCV(ClassifierMixin, BaseEstimator):
                     if bar is not None:
                         bar.update(1)
                 acc[i], loss[i] = hits / n_val, nll / n_val
-                solutions.append(np.mean(previous, axis=0))
+                solutions.append(np.mean([p for p in previous if p is not None], axis=0))
                 # Past the optimum: no better accuracy and a worse log-loss than seen so far.
                 worse = acc[i] <= np.nanmax(acc[:i], initial=-1.0) and loss[i] > np.nanmin(loss)
                 bad = bad + 1 if worse else 0
@@ -310,8 +310,8 @@ class LogisticProbeCV(ClassifierMixin, BaseEstimator):
     def decision_function(self, X: ArrayLike) -> np.ndarray:
         """Logits, shape (n_samples,) for 2 classes and (n_samples, n_classes) otherwise."""
         check_is_fitted(self)
-        X = validate_data(self, X, reset=False, dtype=[np.float32, np.float64])
-        scores = X.astype(np.float32, copy=False) @ self.coef_.T + self.intercept_
+        features = validate_data(self, X, reset=False, dtype=[np.float32, np.float64])
+        scores = features.astype(np.float32, copy=False) @ self.coef_.T + self.intercept_
         return scores[:, 0] if scores.shape[1] == 1 else scores
 
     def predict_proba(self, X: ArrayLike) -> np.ndarray:
