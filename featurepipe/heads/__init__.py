@@ -4,12 +4,17 @@ A *head* is any scikit-learn classifier trained on the feature matrix of a
 :class:`~featurepipe.store.FeatureStore` entry. :func:`make_head` builds one from a preset name, a
 ``"module:Class"`` string or an estimator object; :func:`fit_head` fits it, adapting the
 cross-validation to tiny classes instead of crashing; :func:`chosen_params` reports what the search
-picked. The ``"sgd"`` preset, :class:`OutOfCoreSGDClassifier`, can also learn from chunks streamed
-out of the store, so the feature matrix never has to fit in memory.
+picked; :func:`fixed_head` turns a fitted head into one that refits its chosen values without
+searching. The ``"sgd"`` preset, :class:`OutOfCoreSGDClassifier`, can also learn from chunks
+streamed out of the store, so the feature matrix never has to fit in memory.
+
+Submodules: :mod:`~featurepipe.heads.probe` (the ``logreg`` preset's fast C-searched logistic
+regression), :mod:`~featurepipe.heads.kernel` (the ``svm-rbf`` preset: exact SVC on small sets,
+Nystroem + probe past them), :mod:`~featurepipe.heads.progress` (bars over search fits).
 
 Searches sit *inside* the pipeline, after the scaler (``StandardScaler -> search(classifier)``): the
-scaler is fit once instead of once per fold and candidate, and ``LogisticRegressionCV`` and
-``RidgeClassifierCV`` can only be used that way. The price is that the validation folds share the
+scaler is fit once instead of once per fold and candidate, and the probe, ``LogisticRegressionCV``
+and ``RidgeClassifierCV`` can only be used that way. The price is that the validation folds share the
 scaler's mean and variance with the training folds, a leak too small to change which value wins.
 """
 
