@@ -13,9 +13,10 @@ regression), :mod:`~featurepipe.heads.kernel` (the ``svm-rbf`` preset: exact SVC
 Nystroem + probe past them), :mod:`~featurepipe.heads.progress` (bars over search fits).
 
 Searches sit *inside* the pipeline, after the scaler (``StandardScaler -> search(classifier)``): the
-scaler is fit once instead of once per fold and candidate, and the probe, ``LogisticRegressionCV``
-and ``RidgeClassifierCV`` can only be used that way. The price is that the validation folds share the
-scaler's mean and variance with the training folds, a leak too small to change which value wins.
+scaler is fit once instead of once per fold and candidate, and the probe,
+``LogisticRegressionCV`` and ``RidgeClassifierCV`` can only be used that way. The price is that the
+validation folds share the scaler's mean and variance with the training folds, a leak too small to
+change which value wins.
 """
 
 from __future__ import annotations
