@@ -132,9 +132,9 @@ def run_cell(config: str, n: int) -> dict[str, Any]:
         head = make_head(config)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fitted, info = fit_head(head, X, y)
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         accuracy = float(fitted.score(X_test, y_test))
     params = chosen_params(fitted) or info["params"]
     if config == "exact-svc":
@@ -143,7 +143,7 @@ def run_cell(config: str, n: int) -> dict[str, Any]:
     branch = None
     if isinstance(last, RBFKernelClassifier):
         branch = "nystroem" if last.approximate_ else "exact"
-    return {"config": config, "n": n, "status": "ok", "fit_s": seconds,
+    return {"config": config, "n": n, "status": "ok", "fit_s": seconds, "cpu_s": cpu,
             "test_accuracy": accuracy, "params": params, "branch": branch,
             "rss_data_mib": rss_data, "peak_rss_mib": _status_mib("VmHWM"),
             "warnings": info["warnings"][:3]}
@@ -272,15 +272,16 @@ def write(payload: dict[str, Any]) -> None:
     from featurepipe.report import markdown_table
 
     cells = payload["cells"]
-    rows = [{"config": c["config"], "n": c["n"],
+    rows = [{"config": c["config"], "n": c["n"], **({"run": c["run"]} if "run" in c else {}),
              "fit_s": round(c["fit_s"], 1) if "fit_s" in c else c["status"],
+             "cpu_s": round(c["cpu_s"], 1) if "cpu_s" in c else "-",
              "test_accuracy": round(c["test_accuracy"], 4) if "test_accuracy" in c else "-",
              "peak_rss_mib": round(c["peak_rss_mib"]) if "peak_rss_mib" in c else "-",
              "data_rss_mib": round(c["rss_data_mib"]) if "rss_data_mib" in c else "-",
              "params": ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
                                  for k, v in (c.get("params") or {}).items()) or "-",
              "branch": c.get("branch") or "-"}
-            for c in sorted(cells, key=lambda c: (c["config"], c["n"]))]
+            for c in sorted(cells, key=lambda c: (c["config"], c["n"], c.get("run", "")))]
     m = payload["machine"]
     md = ("# Head presets against n (synthetic 1,280-d float32 features, 10 classes)\n\n"
           "Fit time (`fit_head`, wall-clock, search + refit included) and test accuracy on "
@@ -303,19 +304,26 @@ def _load(values: Any) -> str:
 
 
 def _comparison(cells: list[dict[str, Any]]) -> str:
-    def get(config: str, n: int) -> dict[str, Any] | None:
+    def get(config: str, n: int, run: Any = None, ok: bool = True) -> dict[str, Any] | None:
         return next((c for c in cells if c["config"] == config and c["n"] == n
-                     and c["status"] == "ok"), None)
+                     and (c["status"] == "ok" or not ok)
+                     and (run is None or c.get("run") == run)), None)
 
     lines = ["Same-run comparisons:", ""]
-    new, old = get("logreg", 60_000), get("legacy-logreg", 60_000)
-    if new and old:
+    old = get("legacy-logreg", 60_000, ok=False)
+    new = get("logreg", 60_000, run=old.get("run")) if old else None
+    if new and old and old["status"] == "ok":
         lines.append(
             f"- `logreg` at 60,000 rows: {new['fit_s']:.1f} s, accuracy {new['test_accuracy']:.4f}"
             f" (C={new['params'].get('C'):g}); the old preset (`legacy-logreg`) "
             f"{old['fit_s']:.1f} s, accuracy {old['test_accuracy']:.4f} "
             f"(C={old['params'].get('C'):g}): {old['fit_s'] / new['fit_s']:.1f}x faster, "
             f"{100 * (new['test_accuracy'] - old['test_accuracy']):+.2f} points.")
+    elif new and old:
+        lines.append(
+            f"- `logreg` at 60,000 rows: {new['fit_s']:.1f} s, accuracy {new['test_accuracy']:.4f}"
+            f" (C={new['params'].get('C'):g}); the old preset (`legacy-logreg`) in the same run: "
+            f"{old['status']} (so more than that), no accuracy.")
     kern, ny20, exact = get("svm-rbf", 60_000), get("svm-rbf-nystroem", 20_000), get(
         "exact-svc", 20_000)
     if kern and exact:
