@@ -215,6 +215,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="BLAS threads per cell (default 1: on the small shared machine more "
                              "threads spin)")
     parser.add_argument("--only", nargs="*", default=None, help="run only these configurations")
+    parser.add_argument("--sizes", nargs="*", type=int, default=None,
+                        help="run only these row counts")
     parser.add_argument("--report", action="store_true",
                         help="rewrite the Markdown and plot from the JSON, run nothing")
     args = parser.parse_args(argv)
@@ -238,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
                "load_average_start": os.getloadavg(), "cells": []}
     cells: list[dict[str, Any]] = payload["cells"]
     for config, n in plan(args.quick):
-        if args.only and config not in args.only:
+        if (args.only and config not in args.only) or (args.sizes and n not in args.sizes):
             continue
         projected = _project(cells, config, n)
         if projected is not None and projected > args.budget:
