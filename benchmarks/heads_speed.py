@@ -22,7 +22,8 @@ difference is what the head itself allocated. Configurations:
 A cell is not run when the time projected from the configuration's previous cell (power law in n,
 exponent from the last two cells, else an assumed one) exceeds ``--budget``; the table says so.
 
-Run: ``python -m benchmarks.heads_speed`` (``--quick`` for a smoke run on small n, not written).
+Run: ``python -m benchmarks.heads_speed`` (``--quick`` for a smoke run on small n, not written;
+``--only CONFIG ...`` and ``--sizes N ...`` run a part of the grid, e.g. in a second process).
 Writes ``results/heads_speed.{json,md,png}`` after every cell, so a partial run is kept.
 """
 
@@ -217,6 +218,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", nargs="*", default=None, help="run only these configurations")
     parser.add_argument("--sizes", nargs="*", type=int, default=None,
                         help="run only these row counts")
+    parser.add_argument("--prior", nargs="*", default=(),
+                        help="results JSON of other runs whose cells seed the projections")
     parser.add_argument("--report", action="store_true",
                         help="rewrite the Markdown and plot from the JSON, run nothing")
     args = parser.parse_args(argv)
@@ -239,10 +242,11 @@ def main(argv: list[str] | None = None) -> None:
                         "generator": "benchmarks.heads_speed.make_features"},
                "load_average_start": os.getloadavg(), "cells": []}
     cells: list[dict[str, Any]] = payload["cells"]
+    prior = [c for f in args.prior for c in json.loads(open(f).read()).get("cells", [])]
     for config, n in plan(args.quick):
         if (args.only and config not in args.only) or (args.sizes and n not in args.sizes):
             continue
-        projected = _project(cells, config, n)
+        projected = _project(prior + cells, config, n)
         if projected is not None and projected > args.budget:
             cells.append({"config": config, "n": n,
                           "status": f"not run: projected {projected:.0f} s > {args.budget:.0f} s"})
@@ -275,8 +279,8 @@ def write(payload: dict[str, Any]) -> None:
 
     cells = payload["cells"]
     rows = [{"config": c["config"], "n": c["n"], **({"run": c["run"]} if "run" in c else {}),
-             "fit_s": round(c["fit_s"], 1) if "fit_s" in c else c["status"],
-             "cpu_s": round(c["cpu_s"], 1) if "cpu_s" in c else "-",
+             "fit_s": f"{c['fit_s']:.1f}" if "fit_s" in c else c["status"],
+             "cpu_s": f"{c['cpu_s']:.1f}" if "cpu_s" in c else "-",
              "test_accuracy": round(c["test_accuracy"], 4) if "test_accuracy" in c else "-",
              "peak_rss_mib": round(c["peak_rss_mib"]) if "peak_rss_mib" in c else "-",
              "data_rss_mib": round(c["rss_data_mib"]) if "rss_data_mib" in c else "-",
@@ -290,7 +294,7 @@ def write(payload: dict[str, Any]) -> None:
           f"{N_TEST:,} held-out rows; each cell ran in its own process (peak RSS is that "
           "process's, `data_rss_mib` the same process before fitting). BLAS threads per cell: "
           f"{payload['blas_threads']}. Command: `{payload['command'].strip()}`.\n\n"
-          + _comparison(cells) + "\n\n" + markdown_table(rows) +
+          + _runs(payload) + _comparison(cells) + "\n\n" + markdown_table(rows) +
           f"\n\nCPU flags: {payload.get('cpu_flags')}; versions: "
           f"{json.dumps(m.get('versions'))}.\n\n"
           f"Load average (1/5/15 min) at the start {_load(payload.get('load_average_start'))}, "
@@ -299,6 +303,17 @@ def write(payload: dict[str, Any]) -> None:
           "and move with the load; the comparisons within one run are fairer than across runs.")
     write_results("heads_speed", payload, md)
     _plot(cells, RESULTS / "heads_speed.png")
+
+
+def _runs(payload: dict[str, Any]) -> str:
+    runs = payload.get("runs")
+    if not runs:
+        return ""
+    parts = [f"run {name}: {r['what']} (commit {r['git_commit']}, load average "
+             f"{_load(r['load_average_start'])} -> {_load(r['load_average_end'])})"
+             for name, r in runs.items()]
+    return ("The cells come from runs of this script side by side on the same machine (the "
+            "`run` column): " + "; ".join(parts) + ".\n\n")
 
 
 def _load(values: Any) -> str:
