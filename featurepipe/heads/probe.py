@@ -13,7 +13,9 @@ unpenalised intercept, sklearn's objective ``mean log-loss + ||W||^2 / (2 C n)``
   best counts as a tie, and the tied C with the lowest validation log-loss wins. On an easy,
   separable problem every C scores 100%, and log-loss then picks the weakly regularised model
   whose probabilities are confident, instead of the most regularised one;
-* the final model is refit on all rows at the chosen C, warm-started from the search.
+* the fits along the path stop at a looser gradient tolerance (``search_tol``: they only rank
+  the Cs); the final model is refit on all rows at the chosen C to ``tol``, warm-started from
+  the search.
 
 The matrix products run in float32 on the BLAS threads the machine has; only the parameter
 vector handed to scipy is float64. No torch: ``featurepipe fit`` stays free of it. Timings are in
