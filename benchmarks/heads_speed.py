@@ -158,7 +158,11 @@ def _project(done: list[dict[str, Any]], config: str, n: int) -> float | None:
     ok = [c for c in done if c["config"] == config and c["status"] == "ok" and c["n"] < n]
     if config == "svm-rbf" and n > _exact_max():  # the exact and Nystroem branches differ
         ok = [c for c in ok if c.get("branch") == "nystroem"]
-    ok.sort(key=lambda c: c["n"])
+    fastest: dict[int, dict[str, Any]] = {}  # one cell per n: the least disturbed run
+    for c in ok:
+        if c["n"] not in fastest or c["fit_s"] < fastest[c["n"]]["fit_s"]:
+            fastest[c["n"]] = c
+    ok = [fastest[k] for k in sorted(fastest)]
     if not ok:
         return None
     if len(ok) >= 2:
@@ -367,14 +371,17 @@ def _plot(cells: list[dict[str, Any]], path: Any) -> None:
     fig = new_figure(7, 5)
     ax = fig.add_subplot()
     for config in sorted({c["config"] for c in cells}):
-        pts = sorted((c["n"], c["fit_s"]) for c in cells
-                     if c["config"] == config and c["status"] == "ok")
+        best: dict[int, float] = {}  # the fastest run of each cell: the least disturbed by load
+        for c in cells:
+            if c["config"] == config and c["status"] == "ok":
+                best[c["n"]] = min(best.get(c["n"], np.inf), c["fit_s"])
+        pts = sorted(best.items())
         if pts:
             ax.plot(*zip(*pts, strict=True), marker="o", label=config)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("training rows (n)")
-    ax.set_ylabel("fit time, s (search + refit)")
+    ax.set_ylabel("fit time, s wall (search + refit; fastest run)")
     ax.set_title("Head fit time against n (1,280-d float32, 10 classes)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
