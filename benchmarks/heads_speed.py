@@ -370,6 +370,7 @@ def _plot(cells: list[dict[str, Any]], path: Any) -> None:
     from featurepipe.report import new_figure, save_figure
 
     fig = new_figure(12, 5)
+    colours = {c: f"C{i}" for i, c in enumerate(sorted({c["config"] for c in cells}))}
     for index, (key, label) in enumerate((("fit_s", "wall-clock s (fastest run; load-inflated)"),
                                           ("cpu_s", "CPU s of the fitting process"))):
         ax = fig.add_subplot(1, 2, index + 1)
@@ -379,7 +380,8 @@ def _plot(cells: list[dict[str, Any]], path: Any) -> None:
                 if c["config"] == config and c["status"] == "ok" and key in c:
                     best[c["n"]] = min(best.get(c["n"], np.inf), c[key])
             if best:
-                ax.plot(*zip(*sorted(best.items()), strict=True), marker="o", label=config)
+                ax.plot(*zip(*sorted(best.items()), strict=True), marker="o", label=config,
+                        color=colours[config])
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("training rows (n)")
