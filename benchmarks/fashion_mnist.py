@@ -116,9 +116,8 @@ def stage_probe(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                         progress=False)
             fs = FeatureStore(store).load(rep.key)
             head, info = fit_head(make_head("logreg", cv=3), fs.features, fs.labels)
-            scores = head[-1].scores_  # LogisticRegressionCV: (folds, [l1_ratios,] Cs) accuracies
-            arr = np.asarray(next(iter(scores.values())) if isinstance(scores, dict) else scores)
-            cv_acc = float(arr.reshape(arr.shape[0], -1).mean(axis=0).max())
+            # LogisticProbeCV: validation accuracy per C (NaN where the C path stopped early)
+            cv_acc = float(np.nanmax(head[-1].cv_results_["accuracy"]))
             ips = rep.images_per_second or None
             rows.append({"image_size": size, "layer": layer, "dim": int(fs.features.shape[1]),
                          "cv_accuracy": cv_acc, "n_images": len(fs.labels),

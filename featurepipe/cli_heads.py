@@ -46,11 +46,16 @@ class FitResult:
     y_true: np.ndarray | None = None
     y_pred: np.ndarray | None = None
     warnings: list[str] = field(default_factory=list)
+    #: Rows the returned head was trained on (all labelled rows after a refit).
+    n_model_rows: int = 0
+    #: Whether the head was refit on every labelled row after the evaluation split.
+    refit: bool = False
 
 
 def fit_store(store: str | os.PathLike, head: str = "logreg", *, key: str | None = None,
               cv: int = 5, test_size: float = 0.2, test_store: str | os.PathLike | None = None,
-              seed: int = 0, chunk_rows: int = 4096) -> FitResult:
+              seed: int = 0, chunk_rows: int = 4096, refit: bool = True,
+              progress: bool = False) -> FitResult:
     """Fit a head on a feature-store entry and score it on a held-out split or another store.
 
     Parameters
@@ -72,13 +77,33 @@ def fit_store(store: str | os.PathLike, head: str = "logreg", *, key: str | None
         Seeds the split, the folds and randomized heads.
     chunk_rows : int
         Rows per chunk streamed from the store by out-of-core heads.
+    refit : bool
+        After scoring on the held-out split, refit the head on every labelled row at the
+        hyperparameters it chose (the metrics describe the split-trained model; the returned
+        head is the refit one). ``False`` returns the split-trained head.
+    progress : bool
+        tqdm bars on stderr for the heads' searches.
 
     Returns
     -------
     FitResult
+
+    Raises
+    ------
+    ConfigError
+        Unlabelled rows, rows with non-finite features (named by id), or a split that cannot
+        be stratified.
     """
+    from sklearn.base import clone
+
     from featurepipe.backbones import BackboneSpec
-    from featurepipe.heads import OutOfCoreSGDClassifier, chosen_params, fit_head, make_head
+    from featurepipe.heads import (
+        OutOfCoreSGDClassifier,
+        chosen_params,
+        fit_head,
+        fixed_head,
+        make_head,
+    )
     from featurepipe.model import check_same_spec, classification_metrics, key_parts_from_attrs
 
     if not 0 <= float(test_size) < 1:
@@ -93,6 +118,8 @@ def fit_store(store: str | os.PathLike, head: str = "logreg", *, key: str | None
     labels = _labels(fs, key, chunk_rows) if data is None else data.labels
     class_names = fs.info(key)["classes"] if data is None else data.class_names
     _refuse_unlabelled(labels, store)
+    if data is not None:
+        _refuse_non_finite(data.features, data.ids, store)
 
     test: tuple[FeatureStore, str] | None = None
     is_train = np.ones(len(labels), dtype=bool)
@@ -109,10 +136,11 @@ def fit_store(store: str | os.PathLike, head: str = "logreg", *, key: str | None
     if data is None:  # out-of-core: one chunk in memory at a time
         fitted = estimator.set_params(chunk_rows=int(chunk_rows))
         t0 = time.perf_counter()
-        fitted.fit_chunks(lambda: _chunks(fs, key, chunk_rows, is_train))
+        fitted.fit_chunks(lambda: _chunks(fs, key, chunk_rows, is_train, store))
         seconds, params = time.perf_counter() - t0, chosen_params(fitted)
     else:
-        fitted, info = fit_head(estimator, data.features[is_train], labels[is_train])
+        fitted, info = fit_head(estimator, data.features[is_train], labels[is_train],
+                                progress=progress)
         seconds, params, notes = info["fit_seconds"], info["params"], info["warnings"]
 
     y_true: np.ndarray | None = None
@@ -127,11 +155,18 @@ def fit_store(store: str | os.PathLike, head: str = "logreg", *, key: str | None
                   _predict_chunks(fitted, fs, key, chunk_rows, ~is_train)[1])
     if y_true is not None and y_pred is not None:
         metrics = classification_metrics(y_true, y_pred, class_names)
+    refit = bool(refit and not is_train.all())
+    if refit and data is None:  # out-of-core: stream every row once more
+        fitted = clone(fitted).fit_chunks(
+            lambda: _chunks(fs, key, chunk_rows, np.ones(len(labels), dtype=bool), store))
+    elif refit and data is not None:
+        fitted, _ = fit_head(fixed_head(fitted), data.features, labels, progress=progress)
     return FitResult(
         head=fitted, class_names=list(class_names), store_key=key, key_parts=parts,
         backbone_spec=BackboneSpec.from_dict(attrs["spec"]), params=params, fit_seconds=seconds,
         n_train=int(is_train.sum()), n_test=0 if y_true is None else len(y_true),
-        metrics=metrics, y_true=y_true, y_pred=y_pred, warnings=list(notes))
+        metrics=metrics, y_true=y_true, y_pred=y_pred, warnings=list(notes),
+        n_model_rows=len(labels) if refit else int(is_train.sum()), refit=refit)
 
 
 def _labels(fs: FeatureStore, key: str, chunk_rows: int) -> np.ndarray:
@@ -147,6 +182,15 @@ def _refuse_unlabelled(labels: np.ndarray, store: Any) -> None:
         raise ConfigError(
             f"{store}: {n} of {len(labels)} rows are unlabelled (label -1); fit needs every row "
             "labelled: embed a class-per-subfolder folder or a manifest with a label column")
+
+
+def _refuse_non_finite(features: np.ndarray, ids: list[str], store: Any) -> None:
+    """One line naming the rows whose features hold NaN or inf, before any fitting."""
+    bad = np.flatnonzero(~np.isfinite(features).all(axis=1))
+    if len(bad):
+        shown = ", ".join(str(ids[i]) for i in bad[:5]) + (" ..." if len(bad) > 5 else "")
+        raise ConfigError(f"{store}: {len(bad)} rows have non-finite features (NaN or inf): "
+                          f"{shown}; re-embed those images or remove them from the store")
 
 
 def _split(labels: np.ndarray, test_size: float, seed: int, store: Any) -> np.ndarray:
@@ -179,9 +223,10 @@ def _matching_key(fs: FeatureStore, key: str, parts: dict) -> str:
     return same[0]
 
 
-def _chunks(fs: FeatureStore, key: str, chunk_rows: int, keep: np.ndarray
+def _chunks(fs: FeatureStore, key: str, chunk_rows: int, keep: np.ndarray, store: Any
             ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     for chunk in fs.iter_chunks(key, chunk_rows):
+        _refuse_non_finite(chunk.features, chunk.ids, store)
         sel = keep[chunk.start : chunk.start + len(chunk.ids)]
         yield chunk.features[sel], chunk.labels[sel]
 
@@ -256,12 +301,25 @@ def _json(obj: Any) -> None:
 # --------------------------------------------------------------------------- handlers
 
 
+def check_writable(path: str) -> None:
+    """Refuse, before any work, an output file whose folder is missing or not writable."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ConfigError(f"cannot write {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write {path}: folder {folder} is not writable")
+    if os.path.isdir(path):
+        raise ConfigError(f"cannot write {path}: it is a folder")
+
+
 def cmd_fit(args: argparse.Namespace) -> int:
     from featurepipe.model import save_model
 
+    check_writable(args.out)
     result = fit_store(args.store, args.head, key=args.key, cv=args.cv,
                        test_size=args.test_size, test_store=args.test, seed=args.seed,
-                       chunk_rows=args.chunk_rows)
+                       chunk_rows=args.chunk_rows, refit=not args.no_refit,
+                       progress=not args.quiet)
     metrics = result.metrics or {}
     summary = {
         "store": args.store, "key": result.store_key, "head": args.head,
@@ -271,6 +329,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         **{k: metrics.get(k) for k in ("accuracy", "balanced_accuracy", "macro_f1",
                                        "per_class")},
         "warnings": result.warnings, "model": args.out,
+        "model_rows": result.n_model_rows, "refit_on_all_rows": result.refit,
     }
     save_model(args.out, result.head, result.backbone_spec, result.class_names,
                result.store_key, result.key_parts,
@@ -289,7 +348,14 @@ def cmd_fit(args: argparse.Namespace) -> int:
         _print_metrics(result.metrics)
     for path in summary.get("plots", []):
         print(f"plot: {path}")
-    print(f"saved {args.out}")
+    if result.refit:
+        print(f"saved {args.out}: refit on all {result.n_model_rows} labelled rows at the chosen "
+              "parameters (the scores above are from the model trained without the test rows)")
+    elif result.n_test and not args.test:
+        print(f"saved {args.out}: trained on the {result.n_model_rows} training rows only "
+              "(--no-refit); the held-out rows were not used")
+    else:
+        print(f"saved {args.out}: trained on {result.n_model_rows} rows")
     return 0
 
 
@@ -319,7 +385,7 @@ def _load(args: argparse.Namespace) -> Any:
 
     return load_model(args.model, device=args.device, precision=args.precision,
                       batch_size=args.batch_size,
-                      workers=args.workers, cache=args.cache, progress=False)
+                      workers=args.workers, cache=args.cache, progress=not args.quiet)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -383,7 +449,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=None, help="decode workers (default: auto)")
     p.add_argument("--cache", default=None,
                    help="HDF5 store to cache the new images' features in (default: none)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bars on stderr")
 
 
 def register(sub: Any) -> None:
@@ -404,7 +471,11 @@ def register(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chunk-rows", type=int, default=4096,
                    help="rows per chunk streamed from the store by the sgd head")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--no-refit", action="store_true",
+                   help="save the model trained without the held-out rows (default: refit on "
+                        "every labelled row at the chosen parameters after scoring)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bars on stderr")
     p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("predict", help="classify image files with a saved model")

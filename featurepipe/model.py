@@ -62,6 +62,8 @@ CHECKED_PACKAGES = ("featurepipe", "scikit-learn", "numpy", "torch", "torchvisio
 SKOPS_TRUSTED = (
     "featurepipe.heads.OutOfCoreSGDClassifier",
     "featurepipe.heads.ScaledGammaSVC",
+    "featurepipe.heads.kernel.RBFKernelClassifier",
+    "featurepipe.heads.probe.LogisticProbeCV",
     "sklearn.metrics._scorer._PassthroughScorer",
     "sklearn.model_selection._split.StratifiedKFold",
 )

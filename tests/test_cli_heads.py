@@ -197,3 +197,67 @@ def test_help_lists_every_preset():
     from featurepipe.heads import HEAD_PRESETS
 
     assert PRESET_NAMES == HEAD_PRESETS
+
+
+def test_fit_refits_on_every_row_after_scoring_and_says_so(photos, tmp_path, capsys):
+    store = photos / "photos.h5"
+    code, out, _ = run(capsys, "fit", store, "--cv", "2", "--test-size", "0.5",
+                       "--out", tmp_path / "m.joblib", "--json", "--quiet")
+    report = json.loads(out)
+    assert code == 0 and report["n_train"] == 9 and report["n_test"] == 9
+    assert report["refit_on_all_rows"] is True and report["model_rows"] == 18
+    code, out, _ = run(capsys, "fit", store, "--cv", "2", "--test-size", "0.5",
+                       "--out", tmp_path / "m.joblib", "--no-refit", "--quiet")
+    assert code == 0 and "trained on the 9 training rows only (--no-refit)" in out
+    code, out, _ = run(capsys, "fit", store, "--cv", "2", "--out", tmp_path / "m.joblib",
+                       "--quiet")
+    assert code == 0 and "refit on all 18 labelled rows" in out
+
+
+def test_fit_shows_search_progress_unless_quiet(photos, tmp_path, capsys):
+    store = photos / "photos.h5"
+    code, _, err = run(capsys, "fit", store, "--cv", "2", "--out", tmp_path / "m.joblib")
+    assert code == 0 and "C search" in err
+    code, _, err = run(capsys, "fit", store, "--cv", "2", "--out", tmp_path / "m.joblib",
+                       "--quiet")
+    assert code == 0 and err == ""
+
+
+def test_fit_refuses_unwritable_out_before_any_work(photos, tmp_path, capsys, monkeypatch):
+    import featurepipe.cli_heads as cli_heads
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("fit must check --out before loading or fitting anything")
+
+    monkeypatch.setattr(cli_heads, "fit_store", no_work)
+    target = tmp_path / "nonexistent" / "dir" / "m.skops"
+    code, _, err = run(capsys, "fit", photos / "photos.h5", "--out", target)
+    assert code == 1 and err.count("\n") == 1
+    assert str(target) in err and "does not exist" in err
+
+
+def test_fit_names_rows_with_non_finite_features(photos, tmp_path, capsys):
+    path = _big_store(tmp_path, photos / "photos.h5", n=40)
+    fs = FeatureStore(path)
+    data = fs.load(fs.resolve_key())
+    bad = tmp_path / "bad.h5"
+    X = data.features.copy()
+    X[3, 0], X[17, 5] = np.nan, np.inf
+    with FeatureStore(bad).writer(data.key, data.attrs) as writer:
+        writer.write_shard("s0", data.ids, ["fp"] * len(data.ids), X)
+        writer.commit([(i, "fp", int(lab)) for i, lab in zip(data.ids, data.labels, strict=True)],
+                      data.class_names)
+    for head in ("logreg", "sgd"):
+        code, _, err = run(capsys, "fit", bad, "--head", head, "--out", tmp_path / "m.joblib")
+        assert code == 1 and err.count("\n") == 1, err
+        assert str(bad) in err and "2 rows have non-finite features" in err
+        assert "row000003" in err and "row000017" in err
+
+
+def test_predict_and_evaluate_take_quiet(photos, tmp_path, capsys):
+    model = tmp_path / "m.joblib"
+    assert run(capsys, "fit", photos / "photos.h5", "--cv", "2", "--out", model, "--quiet")[0] == 0
+    code, out, err = run(capsys, "predict", model, photos / "photos" / "ant", "--quiet", "--json")
+    assert code == 0 and len(json.loads(out)["predictions"]) == 6 and err == ""
+    code, out, err = run(capsys, "evaluate", model, photos / "photos", "--quiet", "--json")
+    assert code == 0 and json.loads(out)["n_test"] == 18 and err == ""

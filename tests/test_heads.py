@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from sklearn.datasets import make_blobs, make_classification
 from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression, LogisticRegressionCV, SGDClassifier
+from sklearn.linear_model import LogisticRegression, SGDClassifier
 from sklearn.model_selection import GridSearchCV, StratifiedKFold, train_test_split
 from sklearn.preprocessing import StandardScaler
 from sklearn.tree import DecisionTreeClassifier
@@ -24,10 +24,13 @@ from featurepipe.heads import (
     HEAD_PRESETS,
     KNN_NEIGHBORS,
     LOGREG_CS,
+    LogisticProbeCV,
     OutOfCoreSGDClassifier,
+    RBFKernelClassifier,
     ScaledGammaSVC,
     chosen_params,
     fit_head,
+    fixed_head,
     make_head,
 )
 
@@ -91,17 +94,18 @@ def test_logreg_picks_C_from_grid_by_stratified_cv_and_accepts_float32(split):
     X_train, X_test, y_train, y_test = split
     head = make_head("logreg", cv=3, random_state=7)
     search = head[-1]
-    assert isinstance(search, LogisticRegressionCV)
-    assert isinstance(search.cv, StratifiedKFold)
-    assert (search.cv.n_splits, search.cv.shuffle, search.cv.random_state) == (3, True, 7)
+    assert isinstance(search, LogisticProbeCV)
+    assert (search.cv, search.random_state) == (3, 7)
     fitted, info = fit_head(head, X_train.astype(np.float32), y_train)
     assert any(np.isclose(info["params"]["C"], c) for c in LOGREG_CS)
     assert isinstance(info["params"]["C"], float)
+    assert fitted[-1].cv_results_["splits"] == 3  # below split_threshold: K-fold
+    assert fitted[-1].coef_.dtype == np.float32
     assert fitted[0].transform(X_test.astype(np.float32)).dtype == np.float32
     assert (fitted.predict(X_test.astype(np.float32)) == fitted.predict(X_test)).all()
 
 
-@pytest.mark.parametrize("preset", ["linear-svm", "svm-rbf", "knn"])
+@pytest.mark.parametrize("preset", ["linear-svm", "knn"])
 def test_grid_search_presets_use_stratified_shuffled_folds(preset):
     search = make_head(preset, cv=4, random_state=1)
     search = search if isinstance(search, GridSearchCV) else search[-1]
@@ -154,6 +158,118 @@ def test_unknown_preset_lists_presets():
 def test_make_head_rejects_bad_arguments(bad):
     with pytest.raises(ConfigError):
         make_head(**bad)
+
+
+# --------------------------------------------------------------------------------------------
+# the logreg probe and the kernel head
+
+
+@pytest.fixture(scope="module")
+def easy() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Three far-apart blobs (every C scores 100%) and their centres."""
+    centres = np.random.default_rng(3).normal(scale=10.0, size=(3, 16))
+    X, y = make_blobs(n_samples=90, centers=centres, cluster_std=1.0, random_state=0)
+    return X, y, centres
+
+
+def test_logreg_tie_breaks_toward_confident_model_on_easy_data(easy):
+    """Every C is 100% accurate: the least regularised tie wins, so obvious rows score > 0.9."""
+    X, y, centres = easy
+    fitted, info = fit_head(make_head("logreg"), X, y)
+    assert info["params"]["C"] > min(LOGREG_CS)
+    proba = fitted.predict_proba(centres)
+    assert (proba.argmax(axis=1) == [0, 1, 2]).all()
+    assert proba.max(axis=1).min() > 0.9
+
+
+def test_probe_at_one_C_matches_sklearn_logistic_regression(split):
+    X_train, X_test, y_train, _ = split
+    scaler = StandardScaler().fit(X_train)
+    Xs, Xt = scaler.transform(X_train), scaler.transform(X_test)
+    probe = LogisticProbeCV(Cs=(0.1,)).fit(Xs, y_train)
+    reference = LogisticRegression(C=0.1, max_iter=1000, tol=1e-6).fit(Xs, y_train)
+    assert probe.cv_results_["splits"] == 0 and probe.C_ == 0.1
+    np.testing.assert_allclose(probe.predict_proba(Xt), reference.predict_proba(Xt), atol=2e-3)
+
+
+def test_probe_uses_one_stratified_split_from_the_threshold(split):
+    X_train, _, y_train, _ = split
+    probe = LogisticProbeCV(split_threshold=100, val_size=0.25, patience=None)
+    probe.fit(X_train, y_train)
+    results = probe.cv_results_
+    assert results["splits"] == 1
+    assert len(results["accuracy"]) == len(LOGREG_CS) and not np.isnan(results["accuracy"]).any()
+    assert probe.C_ in results["tied"]
+
+
+def test_probe_path_stops_after_a_C_that_improves_nothing():
+    X, y = make_classification(n_samples=300, n_features=60, n_informative=5, flip_y=0.2,
+                               random_state=0)
+    probe = LogisticProbeCV(cv=3).fit(StandardScaler().fit_transform(X), y)
+    accuracy = probe.cv_results_["accuracy"]
+    assert np.isnan(accuracy[-1])  # overfitting Cs were never fit
+    ran = int(np.sum(~np.isnan(accuracy)))
+    assert probe.cv_results_["log_loss"][ran - 1] > min(probe.cv_results_["log_loss"][: ran - 1])
+
+
+def test_probe_shows_progress_only_when_asked(split, capsys):
+    X_train, _, y_train, _ = split
+    fit_head(make_head("logreg", cv=2), X_train, y_train)
+    assert "C search" not in capsys.readouterr().err
+    fitted, _ = fit_head(make_head("logreg", cv=2), X_train, y_train, progress=True)
+    assert "C search" in capsys.readouterr().err
+    assert fitted[-1].verbose == 0  # the saved head draws no bars
+
+
+@pytest.mark.parametrize("preset", ["linear-svm", "knn", "svm-rbf"])
+def test_grid_searches_show_progress_and_keep_their_scoring(preset, split, capsys):
+    X_train, _, y_train, _ = split
+    fitted, _ = fit_head(make_head(preset, cv=2), X_train, y_train, progress=True)
+    err = capsys.readouterr().err
+    assert re.search(r"(GridSearchCV|RBF SVC search).*fit/s", err)
+    search = fitted if isinstance(fitted, GridSearchCV) else fitted[-1]
+    search = getattr(search, "model_", search)  # the kernel head's inner exact search
+    assert search.scoring is None and type(search.scorer_).__name__ == "_PassthroughScorer"
+
+
+def test_kernel_head_switches_to_nystroem_past_the_row_threshold(split):
+    X_train, X_test, y_train, y_test = split
+    exact = RBFKernelClassifier(exact_max_rows=len(y_train), cv=3).fit(X_train, y_train)
+    approx = RBFKernelClassifier(exact_max_rows=len(y_train) - 1, n_components=50, cv=3)
+    approx.fit(X_train, y_train)
+    assert not exact.approximate_ and approx.approximate_
+    assert not hasattr(exact, "predict_proba") and hasattr(approx, "predict_proba")
+    assert set(approx.best_params_) == {"C", "gamma_scale", "n_components"}
+    assert approx.score(X_test, y_test) >= 0.8 and exact.score(X_test, y_test) >= 0.8
+
+
+@pytest.mark.parametrize("preset", ["logreg", "svm-rbf", "knn", "ridge", "linear-svm"])
+def test_fixed_head_refits_the_chosen_parameters_without_searching(preset, split):
+    X_train, _, y_train, _ = split
+    fitted, info = fit_head(make_head(preset, cv=3), X_train, y_train)
+    fixed = fixed_head(fitted)
+    refit, again = fit_head(fixed, X_train, y_train)
+    assert again["warnings"] == []
+    chosen = {k: v for k, v in info["params"].items()}
+    short = {k.rsplit("__", 1)[-1]: v for k, v in fixed.get_params().items()}
+    for name, value in chosen.items():
+        if name in short and not isinstance(short[name], tuple):
+            assert short[name] == value
+    assert (refit.predict(X_train) == fitted.predict(X_train)).mean() > 0.95
+
+
+def test_kernel_head_nystroem_branch_round_trips_through_skops(split, tmp_path):
+    sio = pytest.importorskip("skops.io")
+    from featurepipe.model import SKOPS_TRUSTED
+
+    X_train, X_test, y_train, _ = split
+    head = make_head("svm-rbf", cv=3).set_params(rbfkernelclassifier__exact_max_rows=10,
+                                                 rbfkernelclassifier__n_components=30)
+    fitted, _ = fit_head(head, X_train, y_train)
+    sio.dump(fitted, tmp_path / "k.skops")
+    assert set(sio.get_untrusted_types(file=tmp_path / "k.skops")) <= set(SKOPS_TRUSTED)
+    loaded = sio.load(tmp_path / "k.skops", trusted=list(SKOPS_TRUSTED))
+    np.testing.assert_allclose(loaded.predict_proba(X_test), fitted.predict_proba(X_test))
 
 
 # --------------------------------------------------------------------------------------------
@@ -218,7 +334,21 @@ def test_fit_warnings_are_recorded_and_reissued(split):
 # OutOfCoreSGDClassifier
 
 
-@parametrize_with_checks([OutOfCoreSGDClassifier(), ScaledGammaSVC()])
+def _expected_failures(estimator):
+    if isinstance(estimator, RBFKernelClassifier) and estimator.exact_max_rows > 0:
+        return {"check_decision_proba_consistency": "predict_proba exists only after the "
+                "Nystroem branch was fitted; the exact SVC branch has no probabilities"}
+    return {}
+
+
+@parametrize_with_checks([
+    OutOfCoreSGDClassifier(),
+    ScaledGammaSVC(),
+    LogisticProbeCV(),
+    LogisticProbeCV(split_threshold=0),  # the single-split branch
+    RBFKernelClassifier(),
+    RBFKernelClassifier(exact_max_rows=0, n_components=20),  # the Nystroem branch
+], expected_failed_checks=_expected_failures)
 def test_sklearn_compatible_estimator(estimator, check):
     check(estimator)
 

@@ -4,13 +4,19 @@ A *head* is any scikit-learn classifier trained on the feature matrix of a
 :class:`~featurepipe.store.FeatureStore` entry. :func:`make_head` builds one from a preset name, a
 ``"module:Class"`` string or an estimator object; :func:`fit_head` fits it, adapting the
 cross-validation to tiny classes instead of crashing; :func:`chosen_params` reports what the search
-picked. The ``"sgd"`` preset, :class:`OutOfCoreSGDClassifier`, can also learn from chunks streamed
-out of the store, so the feature matrix never has to fit in memory.
+picked; :func:`fixed_head` turns a fitted head into one that refits its chosen values without
+searching. The ``"sgd"`` preset, :class:`OutOfCoreSGDClassifier`, can also learn from chunks
+streamed out of the store, so the feature matrix never has to fit in memory.
+
+Submodules: :mod:`~featurepipe.heads.probe` (the ``logreg`` preset's fast C-searched logistic
+regression), :mod:`~featurepipe.heads.kernel` (the ``svm-rbf`` preset: exact SVC on small sets,
+Nystroem + probe past them), :mod:`~featurepipe.heads.progress` (bars over search fits).
 
 Searches sit *inside* the pipeline, after the scaler (``StandardScaler -> search(classifier)``): the
-scaler is fit once instead of once per fold and candidate, and ``LogisticRegressionCV`` and
-``RidgeClassifierCV`` can only be used that way. The price is that the validation folds share the
-scaler's mean and variance with the training folds, a leak too small to change which value wins.
+scaler is fit once instead of once per fold and candidate, and the probe,
+``LogisticRegressionCV`` and ``RidgeClassifierCV`` can only be used that way. The price is that the
+validation folds share the scaler's mean and variance with the training folds, a leak too small to
+change which value wins.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack
 from typing import Any
 
 import numpy as np
@@ -43,12 +50,20 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_array, check_is_fitted, column_or_1d, validate_data
 
 from featurepipe.exceptions import ConfigError, FeaturePipeWarning
+from featurepipe.heads.kernel import EXACT_MAX_ROWS, RBFKernelClassifier
+from featurepipe.heads.kernel import SVM_RBF_GRID as SVM_RBF_GRID
+from featurepipe.heads.probe import DEFAULT_CS, LogisticProbeCV
+from featurepipe.heads.progress import search_progress
 
 __all__ = [
+    "EXACT_MAX_ROWS",
     "HEAD_PRESETS",
+    "LogisticProbeCV",
     "OutOfCoreSGDClassifier",
+    "RBFKernelClassifier",
     "ScaledGammaSVC",
     "chosen_params",
+    "fixed_head",
     "fit_head",
     "make_head",
 ]
@@ -57,12 +72,8 @@ HEAD_PRESETS: tuple[str, ...] = ("logreg", "linear-svm", "svm-rbf", "knn", "ridg
 
 # Search grids. Each is symmetric around a sensible default: when a class is too small for
 # cross-validation, fit_head falls back to the middle value ((len - 1) // 2) of every grid.
-LOGREG_CS: tuple[float, ...] = tuple(float(c) for c in np.logspace(-4, 2, 7))
+LOGREG_CS: tuple[float, ...] = DEFAULT_CS
 LINEAR_SVM_CS: tuple[float, ...] = LOGREG_CS
-SVM_RBF_GRID: dict[str, tuple[float, ...]] = {
-    "C": (0.1, 1.0, 10.0),
-    "gamma_scale": (0.1, 1.0, 10.0),
-}
 KNN_NEIGHBORS: tuple[int, ...] = (1, 5, 10, 20)
 RIDGE_ALPHAS: tuple[float, ...] = tuple(float(a) for a in np.logspace(-2, 6, 9))
 
@@ -71,7 +82,10 @@ RIDGE_ALPHAS: tuple[float, ...] = tuple(float(a) for a in np.logspace(-2, 6, 9))
 LOGREG_MAX_ITER = 1000
 LINEAR_SVM_MAX_ITER = 10_000
 
-_SEARCHES = (GridSearchCV, RandomizedSearchCV, LogisticRegressionCV, RidgeClassifierCV)
+_SEARCHES = (GridSearchCV, RandomizedSearchCV, LogisticRegressionCV, RidgeClassifierCV,
+             LogisticProbeCV, RBFKernelClassifier)
+#: Searches that draw their own progress bar when their ``verbose`` is set.
+_PROGRESS_SEARCHES = (LogisticProbeCV, RBFKernelClassifier)
 
 
 # --------------------------------------------------------------------------------------------
@@ -94,12 +108,16 @@ def make_head(
         classifier (created with its defaults, plus ``random_state`` / ``n_jobs`` when it takes
         them), or a classifier object (cloned, never modified).
 
-        - ``logreg``: ``StandardScaler`` + multinomial L2 ``LogisticRegressionCV`` (lbfgs), ``C``
-          from :data:`LOGREG_CS` by stratified K-fold CV (the linear-probe protocol of Kornblith
-          et al., 2019).
+        - ``logreg``: ``StandardScaler`` + :class:`LogisticProbeCV`, multinomial L2 logistic
+          regression (float32 L-BFGS), ``C`` from :data:`LOGREG_CS` along a warm-started path,
+          validated by stratified K-fold CV, or by one stratified split from
+          ``LogisticProbeCV.split_threshold`` rows on (the linear-probe protocol of Kornblith
+          et al., 2019); refit on all rows at the chosen ``C``.
         - ``linear-svm``: ``StandardScaler`` + ``LinearSVC(dual="auto")``, ``C`` by grid search.
-        - ``svm-rbf``: ``StandardScaler`` + RBF ``SVC``; ``C`` and ``gamma_scale`` (``gamma`` as a
-          multiple of sklearn's ``"scale"`` heuristic) by grid search; decision scores only.
+        - ``svm-rbf``: ``StandardScaler`` + :class:`RBFKernelClassifier`: up to
+          :data:`EXACT_MAX_ROWS` rows an exact RBF ``SVC`` with ``C`` and ``gamma_scale``
+          (``gamma`` as a multiple of sklearn's ``"scale"`` heuristic) by grid search (decision
+          scores only); past it a Nystroem approximation of the kernel + :class:`LogisticProbeCV`.
         - ``knn``: cosine ``KNeighborsClassifier``, ``n_neighbors`` from :data:`KNN_NEIGHBORS` by
           grid search (:func:`fit_head` drops values larger than the training folds).
         - ``ridge``: ``StandardScaler`` + ``RidgeClassifierCV``, ``alpha`` by efficient
@@ -175,46 +193,14 @@ def _import_head(spec: str, *, random_state: int | None, n_jobs: int | None) -> 
     return estimator.set_params(**{k: v for k, v in overrides.items() if k in known})
 
 
-def _logreg_cv_kwargs() -> dict[str, Any]:
-    """Opt in to the non-deprecated LogisticRegressionCV behaviour where this sklearn warns.
-
-    sklearn 1.8-1.9 warn unless ``l1_ratios`` and ``use_legacy_attributes`` are given; later
-    versions make these values the defaults (and warn when they are passed), so ask the defaults.
-    """
-    defaults = LogisticRegressionCV().get_params()
-    kwargs: dict[str, Any] = {}
-    if isinstance(defaults.get("l1_ratios"), str):
-        kwargs["l1_ratios"] = (0.0,)
-    if isinstance(defaults.get("use_legacy_attributes"), str):
-        kwargs["use_legacy_attributes"] = False
-    return kwargs
-
-
 def _logreg(folds: StratifiedKFold, random_state: int | None, n_jobs: int | None) -> Pipeline:
-    """StandardScaler + LogisticRegressionCV (chosen over GridSearchCV(LogisticRegression)).
+    """StandardScaler + LogisticProbeCV: float32, warm-started C path, one split when n is large.
 
-    Measured with sklearn 1.9.1 on 5000 x 1280 float32 synthetic features, 10 classes, the 7 Cs,
-    5 folds, n_jobs=1, 3 interleaved runs each, LogisticRegressionCV vs GridSearchCV:
-    one BLAS thread: 3.6-3.7 s (one 10.6 s outlier) vs 3.3-4.4 s (Gaussian clusters) and
-    3.9-4.1 s vs 4.3-4.5 s (ReLU features), a tie, because lbfgs meets tol=1e-4 in <= 20
-    iterations from a cold start so warm starts save little; two BLAS threads on a busy 2-core
-    box: 11-15 s vs 12-19 s, and 79-111 s vs 178 s under heavy load. LogisticRegressionCV was
-    never slower beyond noise.
-
-    dtype: StandardScaler and LogisticRegression (lbfgs) keep float32, but LogisticRegressionCV
-    converts X to float64 in fit, so the search holds a float64 copy of the features (2x float32).
+    ``n_jobs`` is not used: the probe's matrix products run on the BLAS threads.
     """
-    search = LogisticRegressionCV(
-        Cs=list(LOGREG_CS),
-        cv=folds,
-        scoring="accuracy",
-        solver="lbfgs",
-        max_iter=LOGREG_MAX_ITER,
-        n_jobs=n_jobs,
-        random_state=random_state,
-        **_logreg_cv_kwargs(),
-    )
-    return make_pipeline(StandardScaler(), search)
+    probe = LogisticProbeCV(Cs=LOGREG_CS, cv=int(folds.n_splits), max_iter=LOGREG_MAX_ITER,
+                            random_state=random_state)
+    return make_pipeline(StandardScaler(), probe)
 
 
 def _linear_svm(folds: StratifiedKFold, random_state: int | None, n_jobs: int | None) -> Pipeline:
@@ -224,9 +210,8 @@ def _linear_svm(folds: StratifiedKFold, random_state: int | None, n_jobs: int | 
 
 
 def _svm_rbf(folds: StratifiedKFold, random_state: int | None, n_jobs: int | None) -> Pipeline:
-    grid = {name: list(values) for name, values in SVM_RBF_GRID.items()}
-    search = GridSearchCV(ScaledGammaSVC(random_state=random_state), grid, cv=folds, n_jobs=n_jobs)
-    return make_pipeline(StandardScaler(), search)
+    kernel = RBFKernelClassifier(cv=int(folds.n_splits), random_state=random_state)
+    return make_pipeline(StandardScaler(), kernel)
 
 
 def _knn(folds: StratifiedKFold, random_state: int | None, n_jobs: int | None) -> GridSearchCV:
@@ -278,7 +263,7 @@ def chosen_params(fitted: BaseEstimator) -> dict[str, Any]:
     for estimator in _pipeline_steps(fitted):
         if hasattr(estimator, "best_params_"):
             found.update(estimator.best_params_)
-        elif isinstance(estimator, LogisticRegressionCV):
+        elif isinstance(estimator, LogisticRegressionCV | LogisticProbeCV):
             found["C"] = float(np.ravel(estimator.C_)[0])
         elif isinstance(estimator, RidgeClassifierCV):
             found["alpha"] = float(estimator.alpha_)
@@ -313,11 +298,59 @@ def _to_builtin(value: Any) -> Any:
     return repr(value)
 
 
+def fixed_head(fitted: BaseEstimator) -> BaseEstimator:
+    """An unfitted copy of a fitted head with every search replaced by what it chose.
+
+    Refitting it on more rows (all labelled rows, after an evaluation split) trains the same
+    model without searching again.
+
+    Parameters
+    ----------
+    fitted : BaseEstimator
+        A fitted head, e.g. from :func:`fit_head`.
+
+    Returns
+    -------
+    estimator : BaseEstimator
+        Unfitted; a head without searches comes back as a plain clone.
+    """
+    check_is_fitted(fitted)
+    fixed = clone(fitted)
+    for path, search in _find_searches(fitted):
+        fixed = _replace(fixed, path, _chosen_estimator(search))
+    return fixed
+
+
+def _chosen_estimator(search: BaseEstimator) -> BaseEstimator:
+    if isinstance(search, GridSearchCV | RandomizedSearchCV):
+        return clone(search.estimator).set_params(**search.best_params_)
+    if isinstance(search, LogisticProbeCV):
+        return clone(search).set_params(Cs=(float(search.C_),))
+    if isinstance(search, RBFKernelClassifier):
+        params = search.best_params_
+        if not search.approximate_:
+            return ScaledGammaSVC(C=params["C"], gamma_scale=params["gamma_scale"],
+                                  random_state=search.random_state)
+        return clone(search).set_params(exact_max_rows=0, probe_Cs=(params["C"],))
+    if isinstance(search, LogisticRegressionCV):
+        shared = LogisticRegression().get_params().keys() & search.get_params().keys() - {"n_jobs"}
+        logreg = LogisticRegression(**{k: search.get_params()[k] for k in shared})
+        return logreg.set_params(C=float(np.ravel(search.C_)[0]))
+    return RidgeClassifier(alpha=float(search.alpha_), fit_intercept=search.fit_intercept,
+                           class_weight=search.class_weight)
+
+
+def _is_frozen_kernel(search: RBFKernelClassifier) -> bool:
+    return search.exact_max_rows == 0 and len(search.probe_Cs) == 1
+
+
 # --------------------------------------------------------------------------------------------
 # fit_head
 
 
-def fit_head(estimator: BaseEstimator, X: ArrayLike, y: ArrayLike) -> tuple[BaseEstimator, dict]:
+def fit_head(
+    estimator: BaseEstimator, X: ArrayLike, y: ArrayLike, *, progress: bool = False
+) -> tuple[BaseEstimator, dict]:
     """Fit a head, adapting its cross-validation to classes too small for it.
 
     When the smallest class has fewer samples than a search has folds, the search runs with as
@@ -335,6 +368,8 @@ def fit_head(estimator: BaseEstimator, X: ArrayLike, y: ArrayLike) -> tuple[Base
         Features; float16 is converted to float32 (sklearn would otherwise upcast to float64).
     y : array-like of shape (n_samples,)
         Class labels.
+    progress : bool, default=False
+        Show a tqdm bar on stderr over each search's fits (which C or candidate, which fold).
 
     Returns
     -------
@@ -365,11 +400,20 @@ def fit_head(estimator: BaseEstimator, X: ArrayLike, y: ArrayLike) -> tuple[Base
     fitted, notes, fixed = _adapt_searches(clone(estimator), labels, counts)
     for note in notes:
         warnings.warn(note, FeaturePipeWarning, stacklevel=2)
+    searches = _find_searches(fitted)
+    shown = [s for _, s in searches if isinstance(s, _PROGRESS_SEARCHES)]
+    for search in shown if progress else []:
+        search.set_params(verbose=1)
     start = time.perf_counter()
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, ExitStack() as bars:
         warnings.simplefilter("always")
+        for _, search in searches if progress else []:
+            folds, name = _n_splits(search), _search_name(search)
+            bars.enter_context(search_progress(search, folds, desc=name))
         fitted.fit(features, target)
     seconds = time.perf_counter() - start
+    for search in shown:  # the saved model should not draw bars in someone else's process
+        search.set_params(verbose=0)
     raised = _reissue_once(caught)
     info = {
         "fit_seconds": seconds,
@@ -450,6 +494,10 @@ def _find_searches(estimator: BaseEstimator) -> list[tuple[str, BaseEstimator]]:
 
 def _n_splits(search: BaseEstimator) -> int | None:
     """Folds of a stratified K-fold search; None for leave-one-out or custom splitters."""
+    if isinstance(search, LogisticProbeCV) and len(search.Cs) == 1:
+        return None  # a single C is fit without validation
+    if isinstance(search, RBFKernelClassifier) and _is_frozen_kernel(search):
+        return None
     cv = search.cv
     if cv is None:
         return None if isinstance(search, RidgeClassifierCV) else 5
@@ -479,6 +527,13 @@ def _fixed_estimator(search: BaseEstimator) -> tuple[BaseEstimator, dict[str, An
         return clone(search.estimator).set_params(**params), params
     if isinstance(search, RandomizedSearchCV):
         return clone(search.estimator), {}
+    if isinstance(search, LogisticProbeCV):
+        c = float(_middle(sorted(search.Cs)))
+        return LogisticRegression(C=c, max_iter=search.max_iter, tol=search.tol), {"C": c}
+    if isinstance(search, RBFKernelClassifier):
+        params = {"C": float(_middle(search.Cs)),
+                  "gamma_scale": float(_middle(search.gamma_scales))}
+        return ScaledGammaSVC(random_state=search.random_state, **params), params
     if isinstance(search, LogisticRegressionCV):
         # n_jobs is deprecated on LogisticRegression (sklearn 1.8) and only parallelises folds.
         shared = LogisticRegression().get_params().keys() & search.get_params().keys() - {"n_jobs"}
