@@ -9,11 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 import warnings
 from collections.abc import Sequence
 from typing import Any
 
 from featurepipe.exceptions import FeaturePipeError
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 EXIT_ERROR = 1
 
@@ -147,11 +150,20 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from featurepipe.demo import run_demo
 
-    result = run_demo(out_dir=args.out, progress=not args.quiet, log=_say)
+    t = time.perf_counter()
+    result = run_demo(out_dir=args.out, dataset=args.dataset, data_dir=args.data_dir,
+                      progress=not args.quiet, log=None if args.quiet else _say)
+    result["seconds"] = time.perf_counter() - t
     if args.json:
         _print_json(result)
-    else:
-        print(result["table"])
+        return 0
+    print(f"{result['dataset']}: accuracy on {result['n_test']} test images, "
+          f"standardised ridge classifier, alpha chosen by leave-one-out CV on the training "
+          f"images only")
+    print(result["table"])
+    print(result["summary"])
+    if not args.quiet:
+        _say(f"demo took {result['seconds']:.0f}s")
     return 0
 
 
@@ -217,8 +229,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("demo", help="embed the bundled digits set, train heads, print a table")
+    p = sub.add_parser("demo", help="frozen features vs raw pixels with few labels, in about "
+                                    "a minute (Fashion-MNIST if installed, else digits)")
     p.add_argument("--out", default="featurepipe-demo", help="folder for the demo's store")
+    p.add_argument("--dataset", default="auto", choices=["auto", "fashion-mnist", "digits"],
+                   help="auto: Fashion-MNIST when its IDX files are in --data-dir, else "
+                        "scikit-learn's digits")
+    p.add_argument("--data-dir", default=FASHION_MNIST_DIR,
+                   help="folder holding Fashion-MNIST's IDX files (apt-get install "
+                        "dataset-fashion-mnist puts them here)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_demo)
