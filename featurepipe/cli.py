@@ -8,17 +8,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import warnings
 from collections.abc import Sequence
 from typing import Any
 
+from featurepipe.cli_common import DefaultsHelpFormatter, add_output_args
 from featurepipe.exceptions import FeaturePipeError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 EXIT_ERROR = 1
+#: 128 + SIGPIPE, what a shell reports for a writer whose reader went away.
+EXIT_BROKEN_PIPE = 141
 
 
 def _print_json(obj: Any) -> None:
@@ -46,7 +50,7 @@ def _add_backbone_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     p.add_argument("--workers", type=int, default=None, help="decode workers (default: auto)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
@@ -186,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the feature store (.h5)")
     _add_backbone_args(p)
     _add_engine_args(p)
-    p.add_argument("--dtype", default="float16", choices=["float16", "float32"])
+    p.add_argument("--dtype", default="float16", choices=["float16", "float32"],
+                   help="how features are stored")
     p.add_argument("--content-hash", action="store_true",
                    help="fingerprint files by sha256 of their bytes instead of size+mtime")
     p.add_argument("--shard-size", type=int, default=None,
@@ -215,18 +220,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Ray embedding workers (default: one per CPU, or per GPU share)")
     p.add_argument("--gpus-per-worker", type=float, default=None,
                    help="GPUs per Ray worker, fractions share a GPU (default: 0, CPU workers)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_output_args(p, "the report")
     p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("inspect", help="describe a feature store")
-    p.add_argument("store")
-    p.add_argument("--key", default=None, help="entry key when the file holds several")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("store", help="the feature store (.h5)")
+    p.add_argument("--key", default=None,
+                   help="describe only this entry (default: every entry in the file)")
+    add_output_args(p, "the description")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("models", help="list backbones: what works offline, what needs a download")
-    p.add_argument("--json", action="store_true")
+    add_output_args(p, "the list")
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("demo", help="frozen features vs raw pixels with few labels, in about "
@@ -238,8 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=FASHION_MNIST_DIR,
                    help="folder holding Fashion-MNIST's IDX files (apt-get install "
                         "dataset-fashion-mnist puts them here)")
-    p.add_argument("--quiet", action="store_true")
-    p.add_argument("--json", action="store_true")
+    add_output_args(p, "the result")
     p.set_defaults(func=cmd_demo)
 
     from featurepipe import cli_heads
@@ -248,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     from featurepipe import cli_compare
 
     cli_compare.register(sub)
+    for sub_parser in sub.choices.values():
+        sub_parser.formatter_class = DefaultsHelpFormatter
     return parser
 
 
@@ -269,7 +275,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows up here, inside the handler, not at exit
+        return code
+    except BrokenPipeError:
+        # `featurepipe ... --json | head`: the reader has gone; say nothing, like other tools.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except FeaturePipeError as exc:
         if args.debug:
             raise

@@ -6,8 +6,8 @@ images per class of Fashion-MNIST (installed by ``apt-get install dataset-fashio
 folder holding its four IDX files), embeds them and a fixed test set with the offline default
 backbone at the learning curve's settings (128 px, the pooled output of ``blocks.5``), and
 compares a linear classifier on those features with the same classifier on raw pixels, both
-with their regularisation chosen by the same cross-validation on the training rows only. Without Fashion-MNIST
-it falls back to scikit-learn's 8x8 digits, where raw pixels win, and says why.
+with their regularisation chosen by the same cross-validation on the training rows only.
+Without Fashion-MNIST it falls back to scikit-learn's 8x8 digits, where raw pixels win, and says why.
 """
 
 from __future__ import annotations
