@@ -7,7 +7,8 @@ folder holding its four IDX files), embeds them and a fixed test set with the of
 backbone at the learning curve's settings (128 px, the pooled output of ``blocks.5``), and
 compares a linear classifier on those features with the same classifier on raw pixels, both
 with their regularisation chosen by the same cross-validation on the training rows only.
-Without Fashion-MNIST it falls back to scikit-learn's 8x8 digits, where raw pixels win, and says why.
+Without Fashion-MNIST it falls back to scikit-learn's 8x8 digits. The summary line says what
+the table shows and, where raw pixels win, why.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["DEMO_SIZES", "DemoData", "FASHION_MNIST_DIR", "digits_data", "fashion_mnist_data",
-           "load_demo_data", "run_demo", "summary_line"]
+__all__ = ["DEMO_SIZES", "DemoData", "FASHION_MNIST_DIR", "digits_data", "digits_images",
+           "fashion_mnist_data", "load_demo_data", "per_class_subsets", "run_demo",
+           "summary_line"]
 
 #: Where ``apt-get install dataset-fashion-mnist`` puts the IDX files.
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -79,18 +81,23 @@ def fashion_mnist_data(folder: str | os.PathLike = FASHION_MNIST_DIR,
                     te_y[:n_test].astype(np.int64), list(FASHION_CLASSES))
 
 
-def digits_data(n_test: int = 500) -> DemoData:
-    """scikit-learn's 1,797 digits as uint8 8x8 images; a stratified ``n_test`` are the test set."""
+def digits_images() -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """All 1,797 digits as uint8 grayscale images (N, 8, 8), labels and class names."""
     from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
 
     digits = load_digits()
     images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
-    labels = digits.target.astype(np.int64)
+    return images, digits.target.astype(np.int64), [str(c) for c in digits.target_names]
+
+
+def digits_data(n_test: int = 500) -> DemoData:
+    """scikit-learn's 1,797 digits as uint8 8x8 images; a stratified ``n_test`` are the test set."""
+    from sklearn.model_selection import train_test_split
+
+    images, labels, classes = digits_images()
     train, test = train_test_split(np.arange(len(labels)), test_size=n_test, stratify=labels,
                                    random_state=0)
-    return DemoData("digits", images[train], labels[train], images[test], labels[test],
-                    [str(c) for c in digits.target_names])
+    return DemoData("digits", images[train], labels[train], images[test], labels[test], classes)
 
 
 def load_demo_data(dataset: str = "auto", folder: str | os.PathLike = FASHION_MNIST_DIR,
@@ -144,7 +151,7 @@ def summary_line(rows: Sequence[dict[str, Any]], dataset: str, backbone: str) ->
                  "most" if gaps[0][1] >= max(g for _k, g in gaps) else
                  "a pretrained network helps even with few labels")
         return (f"Frozen {backbone} features beat raw pixels at every size (points at each "
-                f"number of labels per class: {points}): {trend} (full curve: "
+                f"number of labels per class: {points}): {trend} (Fashion-MNIST's full curve: "
                 "benchmarks/results/fashion_mnist_learning_curve.md).")
     why = _WHY_PIXELS_WIN.get(dataset, "these images are far from ImageNet photos")
     where = ("at every size" if not won else
