@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-from featurepipe.cli_common import DefaultsHelpFormatter, add_output_args
+from featurepipe.cli_common import DefaultsHelpFormatter, add_output_args, check_output
 from featurepipe.exceptions import FeaturePipeError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -61,6 +61,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_embed(args: argparse.Namespace) -> int:
     from featurepipe.exceptions import ConfigError
+
+    check_output(args.out)
 
     common: dict[str, Any] = dict(
         weights=args.weights, layer=args.layer, image_size=args.image_size,
@@ -154,6 +156,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from featurepipe.demo import run_demo
 
+    check_output(args.out, folder=True)
     t = time.perf_counter()
     result = run_demo(out_dir=args.out, dataset=args.dataset, data_dir=args.data_dir,
                       progress=not args.quiet, log=None if args.quiet else _say)

@@ -1,10 +1,15 @@
-"""Pieces every subcommand's parser shares: the help formatter and the output flags."""
+"""Pieces every subcommand shares: the help formatter, the output flags, the --out check."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
+from pathlib import Path
 
-__all__ = ["DefaultsHelpFormatter", "add_output_args", "has_default"]
+from featurepipe.exceptions import ConfigError
+
+__all__ = ["DefaultsHelpFormatter", "add_output_args", "check_output", "has_default"]
 
 
 def has_default(action: argparse.Action) -> bool:
@@ -30,3 +35,32 @@ def add_output_args(p: argparse.ArgumentParser, what: str = "the result") -> Non
     p.add_argument("--quiet", action="store_true",
                    help="no progress bars or stage messages on stderr")
     p.add_argument("--json", action="store_true", help=f"print {what} as JSON on stdout")
+
+
+def check_output(path: str | os.PathLike[str], flag: str = "--out", folder: bool = False) -> None:
+    """Fail before any work when ``path`` cannot be written, in one line naming it and the fix.
+
+    ``folder=False``: ``path`` is a file whose folder must exist. ``folder=True``: ``path`` is a
+    folder that may not exist yet; its nearest existing ancestor must take new entries. Writing
+    a probe file is the only check that holds for root and for file systems like /proc, where
+    permission bits say yes and creating a file fails.
+    """
+    target = Path(path).expanduser().absolute()
+    if folder and target.exists() and not target.is_dir():
+        raise ConfigError(f"{flag} {path}: exists and is not a folder")
+    if not folder and target.is_dir():
+        raise ConfigError(f"{flag} {path}: is a folder; give a file name")
+    parent = target if folder else target.parent
+    if not folder and not parent.is_dir():
+        what = "is not a folder" if parent.exists() else "does not exist"
+        raise ConfigError(f"{flag} {path}: the folder {parent} {what} (create it first)")
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"{flag} {path}: {parent} is not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=parent, prefix=".featurepipe-probe-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{flag} {path}: cannot write in {parent} "
+                          f"({exc.strerror or type(exc).__name__})") from None

@@ -10,7 +10,7 @@ import json
 import sys
 from typing import Any
 
-from featurepipe.cli_common import add_output_args
+from featurepipe.cli_common import add_output_args, check_output
 from featurepipe.exceptions import ConfigError
 
 # Library defaults mirrored here so that building the parser (``featurepipe --help``) does not
@@ -76,6 +76,7 @@ def _add_device_args(p: argparse.ArgumentParser) -> None:
 def cmd_compare(args: argparse.Namespace) -> int:
     from featurepipe.compare import compare, learning_curve
 
+    check_output(args.out, folder=True)
     finetune = None if args.no_finetune else args.finetune_strategies
     ft_params: dict[str, Any] = {}
     if args.finetune_image_size is not None:
@@ -174,6 +175,7 @@ def _add_compare(sub: Any) -> None:
 def cmd_finetune(args: argparse.Namespace) -> int:
     from featurepipe.finetune import finetune
 
+    check_output(args.out, folder=True)
     result = finetune(
         args.source, args.out, backbone=args.backbone, weights=args.weights,
         image_size=args.image_size, strategy=args.strategy, epochs=args.epochs, lr=args.lr,
