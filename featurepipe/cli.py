@@ -115,27 +115,72 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_inspect(args: argparse.Namespace) -> int:
-    from featurepipe.store import FeatureStore
+_SHOWN = ("n_rows", "dim", "dtype", "backbone", "layer", "precision", "weights_sha256",
+          "n_labelled", "created", "updated")
 
-    info = FeatureStore(args.store).info(args.key)
+
+def _short(value: Any, width: int = 70) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str, sort_keys=True)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from featurepipe.store_tools import describe_store
+
+    desc = describe_store(args.store, args.key)
     if args.json:
-        _print_json(info)
+        _print_json(desc)
         return 0
-    print(f"{info['path']}  (entry {info['key']})")
-    for name in ("n_rows", "dim", "dtype", "backbone", "layer", "precision", "weights_sha256",
-                 "n_labelled", "created", "updated"):
-        if name in info:
-            print(f"  {name:15s} {info[name]}")
-    print(f"  {'classes':15s} {', '.join(map(str, info.get('classes', []))) or '-'}")
-    print(f"  {'n_skipped':15s} {info['n_skipped']}")
-    for item in info["skipped"][:50]:
-        print(f"    {item['id']}: {item['reason']}")
-    if len(info.get("entries", [])) > 1:
-        print("  other entries in this file:")
-        for e in info["entries"]:
-            if e["key"] != info["key"]:
-                print(f"    {e['key']}  {e['backbone']}  {e['n_rows']} rows")
+    entries = desc["entries"]
+    print(f"{desc['path']}: {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}")
+    for info in entries:
+        print(f"entry {info['key']}")
+        for name in _SHOWN:
+            if name in info:
+                print(f"  {name:15s} {info[name]}")
+        if info.get("preprocess"):
+            print(f"  {'preprocess':15s} {_short(info['preprocess'])}")
+        print(f"  {'classes':15s} {', '.join(map(str, info.get('classes', []))) or '-'}")
+        print(f"  {'n_skipped':15s} {info['n_skipped']}")
+        for item in info["skipped"][:50]:
+            print(f"    {item['id']}: {item['reason']}")
+    if desc["differs"]:
+        print("what differs between the entries:")
+        for name, values in desc["differs"].items():
+            print(f"  {name}:")
+            for key, value in values.items():
+                print(f"    {key}  {_short(value)}")
+    if len(entries) > 1:
+        print("pick one with --key KEY (a unique prefix will do) in fit, export and load()")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from featurepipe.store_tools import export_entry
+
+    check_output(args.out)
+    result = export_entry(args.store, args.out, args.format, args.key)
+    if args.json:
+        _print_json(result)
+    else:
+        print(f"{result['out']}: {result['n_rows']} rows x {result['dim']} features "
+              f"(entry {result['key']}, {result['format']})")
+    return 0
+
+
+def cmd_layers(args: argparse.Namespace) -> int:
+    from featurepipe.backbones import backbone_layers
+
+    rows = backbone_layers(args.backbone, depth=args.depth)
+    if args.json:
+        _print_json(rows)
+        return 0
+    width = max((len(r["name"]) for r in rows), default=0)
+    for r in rows:
+        print(f"{r['name']:<{width}}  {r['type']}")
+    if not args.quiet:
+        _say(f"{len(rows)} layers of {args.backbone} (depth {args.depth}); pass one as --layer "
+             "NAME (pooled over space); without --layer: the penultimate layer")
     return 0
 
 
@@ -232,6 +277,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="describe only this entry (default: every entry in the file)")
     add_output_args(p, "the description")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("export", help="write a store entry's features as npy (npz), parquet "
+                                      "or csv")
+    p.add_argument("store", help="the feature store (.h5)")
+    p.add_argument("--format", default="npy", choices=["npy", "parquet", "csv"],
+                   help="npy: a numpy .npz with features, labels, ids, class_names; parquet "
+                        "(needs pyarrow) and csv: one row per image: id, label, f0..fD")
+    p.add_argument("--key", default=None,
+                   help="entry key or unique prefix (default: the only entry)")
+    p.add_argument("--out", required=True, help="file to write")
+    add_output_args(p, "a summary")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("layers", help="list the layer names --layer accepts for a backbone")
+    p.add_argument("backbone", nargs="?", default="efficientnet_lite0",
+                   help="efficientnet_lite0, torchvision:NAME, timm:NAME or a fine-tuned model "
+                        "folder (built with random weights: nothing is downloaded)")
+    p.add_argument("--depth", type=int, default=2,
+                   help="1 = top-level modules, 2 adds their children (deeper names work too)")
+    add_output_args(p, "the list")
+    p.set_defaults(func=cmd_layers)
 
     p = sub.add_parser("models", help="list backbones: what works offline, what needs a download")
     add_output_args(p, "the list")

@@ -11,7 +11,7 @@ timm's ``tf_efficientnet_lite0``. Fine-tuned networks round-trip through ``expor
 from __future__ import annotations
 
 from featurepipe.backbones._build import file_sha256
-from featurepipe.backbones._catalog import list_backbones
+from featurepipe.backbones._catalog import backbone_layers, list_backbones
 from featurepipe.backbones._classifier import reset_classifier
 from featurepipe.backbones._describe import BackboneDescription, describe_backbone
 from featurepipe.backbones._export import export_finetuned
@@ -36,6 +36,7 @@ __all__ = [
     "BackboneDescription",
     "BackboneSpec",
     "PreprocessSpec",
+    "backbone_layers",
     "describe_backbone",
     "export_finetuned",
     "file_sha256",
