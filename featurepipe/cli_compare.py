@@ -180,6 +180,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         args.source, args.out, backbone=args.backbone, weights=args.weights,
         image_size=args.image_size, strategy=args.strategy, epochs=args.epochs, lr=args.lr,
         batch_size=args.batch_size, val_size=args.val_size, resume=args.resume,
+        overwrite=args.overwrite,
         device=args.device, precision=args.precision, num_workers=args.workers,
         augment=None if args.augment == "none" else args.augment,
         random_state=args.seed, verbose=0 if args.quiet or args.json else 1,
@@ -229,7 +230,12 @@ def _add_finetune(sub: Any) -> None:
                         "RandomErasing (default: basic)")
     p.add_argument("--val-size", type=_size, default=0.1,
                    help="validation fraction (0.1) or count (200); 0 = none")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--resume", action="store_true",
+                       help="continue from OUT/checkpoint.pt (a finished run too, with more "
+                            "--epochs)")
+    group.add_argument("--overwrite", action="store_true",
+                       help="start over in an OUT that holds a finished or interrupted run")
     p.add_argument("--seed", type=int, default=0, help="seed of the split and the training")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")

@@ -20,7 +20,19 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["atomic_save", "get_rng_state", "load_checkpoint", "set_rng_state"]
+__all__ = ["atomic_save", "default_file_mode", "get_rng_state", "load_checkpoint",
+           "set_rng_state"]
+
+
+def default_file_mode() -> int:
+    """The mode ``open()`` would give a new file: 0o666 less the process umask.
+
+    ``mkstemp`` creates its temp files 0o600 whatever the umask; files renamed into place from
+    it get this mode instead, so a run folder is as readable as the user's other files.
+    """
+    umask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
@@ -33,6 +45,7 @@ def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

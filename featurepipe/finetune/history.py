@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from featurepipe.finetune.checkpoint import default_file_mode
 from featurepipe.finetune.loop import Callback, Trainer
 
 __all__ = ["HistoryFile", "plot_history", "save_history"]
@@ -23,6 +24,7 @@ def save_history(history: Sequence[dict[str, Any]], path: str | os.PathLike[str]
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(list(history), f, indent=2)
             f.write("\n")
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
