@@ -40,8 +40,9 @@ def add_output_args(p: argparse.ArgumentParser, what: str = "the result") -> Non
 def check_output(path: str | os.PathLike[str], flag: str = "--out", folder: bool = False) -> None:
     """Fail before any work when ``path`` cannot be written, in one line naming it and the fix.
 
-    ``folder=False``: ``path`` is a file whose folder must exist. ``folder=True``: ``path`` is a
-    folder that may not exist yet; its nearest existing ancestor must take new entries. Writing
+    ``folder=False``: ``path`` is a file; ``folder=True``: a folder. Missing folders are fine
+    (the commands create them); the nearest existing ancestor must be a folder that takes new
+    entries. Writing
     a probe file is the only check that holds for root and for file systems like /proc, where
     permission bits say yes and creating a file fails.
     """
@@ -51,9 +52,6 @@ def check_output(path: str | os.PathLike[str], flag: str = "--out", folder: bool
     if not folder and target.is_dir():
         raise ConfigError(f"{flag} {path}: is a folder; give a file name")
     parent = target if folder else target.parent
-    if not folder and not parent.is_dir():
-        what = "is not a folder" if parent.exists() else "does not exist"
-        raise ConfigError(f"{flag} {path}: the folder {parent} {what} (create it first)")
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():

@@ -102,6 +102,7 @@ def export_entry(path: str | os.PathLike[str], out: str | os.PathLike[str], fmt:
     names = np.array([fs.class_names[i] if 0 <= i < len(fs.class_names) else ""
                       for i in fs.labels], dtype=object)
     target = Path(out)
+    target.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "npy":
         with open(target, "wb") as f:  # np.savez would add ".npz" to a name without it
             np.savez(f, features=fs.features, labels=fs.labels,

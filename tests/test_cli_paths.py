@@ -43,12 +43,11 @@ def _fails_at_once(argv: list[str], capsys: pytest.CaptureFixture[str],
     assert err.count("\n") == 1 and err.startswith("featurepipe: error: --out ") and needle in err
 
 
-def test_embed_out_in_missing_folder(photos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                     capsys: pytest.CaptureFixture[str]) -> None:
-    out = tmp_path / "nonexistent" / "s.h5"
-    _fails_at_once(["embed", str(photos), "--out", str(out), "--quiet", "--backbone",
-                    TINY["backbone"], *TINY_ARGS], capsys, monkeypatch, "does not exist")
-    assert not out.parent.exists()
+def test_embed_out_under_a_file(photos: Path, a_file: Path, monkeypatch: pytest.MonkeyPatch,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    _fails_at_once(["embed", str(photos), "--out", str(a_file / "sub" / "s.h5"), "--quiet",
+                    "--backbone", TINY["backbone"], *TINY_ARGS], capsys, monkeypatch,
+                   "is not a folder")
 
 
 def test_embed_out_where_nothing_can_be_created(photos: Path, monkeypatch: pytest.MonkeyPatch,
@@ -71,6 +70,7 @@ def test_finetune_and_compare_out_under_a_file(photos: Path, a_file: Path,
 
 def test_check_output_accepts_new_files_and_folders(tmp_path: Path, a_file: Path) -> None:
     check_output(tmp_path / "s.h5")
+    check_output(tmp_path / "new" / "s.h5")  # the commands create missing folders
     check_output(tmp_path / "new" / "deeper", folder=True)
     with pytest.raises(ConfigError, match="is a folder"):
         check_output(tmp_path)
