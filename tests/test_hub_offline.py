@@ -108,4 +108,5 @@ def test_cli_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_build:
     assert main(["embed", str(tmp_path / "a"), "--out", str(tmp_path / "s.h5"),
                  "--backbone", NAME, "--quiet"]) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("featurepipe: error: timm:resnet18: ")
+    assert err.count("\n") == 1
+    assert err.startswith("featurepipe: error: timm:resnet18 pretrained weights needs a download")

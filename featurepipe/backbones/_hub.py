@@ -32,9 +32,9 @@ def _offline_env() -> bool:
 
 def _unreachable(spec: BackboneSpec, why: str) -> BackboneError:
     return BackboneError(
-        f"{spec.name}: its pretrained weights are not in the local cache and {why}; pass a "
-        f"local state dict with --weights FILE (weights=path), or use the offline default "
-        f"{OFFLINE_DEFAULT!r} (see `featurepipe models`)")
+        f"{spec.name} pretrained weights needs a download (not in the local cache) and {why}; "
+        f"pass a local state dict with --weights FILE (weights=path), or use the offline "
+        f"default {OFFLINE_DEFAULT!r} (see `featurepipe models`)")
 
 
 def _probe(spec: BackboneSpec, hf_id: str, filename: str) -> None:
