@@ -303,8 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_output_args(p, "the list")
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("demo", help="frozen features vs raw pixels with few labels, in about "
-                                    "a minute (Fashion-MNIST if installed, else digits)")
+    p = sub.add_parser("demo", help="frozen features vs raw pixels with few labels "
+                                    "(Fashion-MNIST if installed, else digits)")
     p.add_argument("--out", default="featurepipe-demo", help="folder for the demo's store")
     p.add_argument("--dataset", default="auto", choices=["auto", "fashion-mnist", "digits"],
                    help="auto: Fashion-MNIST when its IDX files are in --data-dir, else "

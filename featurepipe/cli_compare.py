@@ -183,7 +183,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         device=args.device, precision=args.precision, num_workers=args.workers,
         augment=None if args.augment == "none" else args.augment,
-        random_state=args.seed, verbose=0 if args.quiet or args.json else 1,
+        random_state=args.seed, verbose=0 if args.quiet else 1,
     )
     summary = result.to_dict()
     if args.json:
