@@ -282,7 +282,6 @@ class Trainer:
             for group, base, f in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
                                       lambdas, strict=True):
                 group["lr"] = base * f(step)
-            self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned (callbacks are matched by class name)."""
