@@ -8,15 +8,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
 import warnings
 from collections.abc import Sequence
 from typing import Any
 
+from featurepipe.cli_common import DefaultsHelpFormatter, add_output_args, check_output
 from featurepipe.display import escape
 from featurepipe.exceptions import FeaturePipeError
 
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+
 EXIT_ERROR = 1
+#: 128 + SIGPIPE, what a shell reports for a writer whose reader went away.
+EXIT_BROKEN_PIPE = 141
 
 
 def _print_json(obj: Any) -> None:
@@ -44,7 +51,7 @@ def _add_backbone_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     p.add_argument("--workers", type=int, default=None, help="decode workers (default: auto)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
@@ -55,6 +62,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_embed(args: argparse.Namespace) -> int:
     from featurepipe.exceptions import ConfigError
+
+    check_output(args.out)
 
     common: dict[str, Any] = dict(
         weights=args.weights, layer=args.layer, image_size=args.image_size,
@@ -107,27 +116,72 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_inspect(args: argparse.Namespace) -> int:
-    from featurepipe.store import FeatureStore
+_SHOWN = ("n_rows", "dim", "dtype", "backbone", "layer", "precision", "weights_sha256",
+          "n_labelled", "created", "updated")
 
-    info = FeatureStore(args.store).info(args.key)
+
+def _short(value: Any, width: int = 70) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str, sort_keys=True)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from featurepipe.store_tools import describe_store
+
+    desc = describe_store(args.store, args.key)
     if args.json:
-        _print_json(info)
+        _print_json(desc)
         return 0
-    print(f"{info['path']}  (entry {info['key']})")
-    for name in ("n_rows", "dim", "dtype", "backbone", "layer", "precision", "weights_sha256",
-                 "n_labelled", "created", "updated"):
-        if name in info:
-            print(f"  {name:15s} {info[name]}")
-    print(f"  {'classes':15s} {', '.join(map(escape, info.get('classes', []))) or '-'}")
-    print(f"  {'n_skipped':15s} {info['n_skipped']}")
-    for item in info["skipped"][:50]:
-        print(f"    {escape(item['id'])}: {escape(item['reason'])}")
-    if len(info.get("entries", [])) > 1:
-        print("  other entries in this file:")
-        for e in info["entries"]:
-            if e["key"] != info["key"]:
-                print(f"    {e['key']}  {e['backbone']}  {e['n_rows']} rows")
+    entries = desc["entries"]
+    print(f"{desc['path']}: {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}")
+    for info in entries:
+        print(f"entry {info['key']}")
+        for name in _SHOWN:
+            if name in info:
+                print(f"  {name:15s} {info[name]}")
+        if info.get("preprocess"):
+            print(f"  {'preprocess':15s} {_short(info['preprocess'])}")
+        print(f"  {'classes':15s} {', '.join(map(escape, info.get('classes', []))) or '-'}")
+        print(f"  {'n_skipped':15s} {info['n_skipped']}")
+        for item in info["skipped"][:50]:
+            print(f"    {escape(item['id'])}: {escape(item['reason'])}")
+    if desc["differs"]:
+        print("what differs between the entries:")
+        for name, values in desc["differs"].items():
+            print(f"  {name}:")
+            for key, value in values.items():
+                print(f"    {key}  {_short(value)}")
+    if len(entries) > 1:
+        print("pick one with --key KEY (a unique prefix will do) in fit, export and load()")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from featurepipe.store_tools import export_entry
+
+    check_output(args.out)
+    result = export_entry(args.store, args.out, args.format, args.key)
+    if args.json:
+        _print_json(result)
+    else:
+        print(f"{result['out']}: {result['n_rows']} rows x {result['dim']} features "
+              f"(entry {result['key']}, {result['format']})")
+    return 0
+
+
+def cmd_layers(args: argparse.Namespace) -> int:
+    from featurepipe.backbones import backbone_layers
+
+    rows = backbone_layers(args.backbone, depth=args.depth)
+    if args.json:
+        _print_json(rows)
+        return 0
+    width = max((len(r["name"]) for r in rows), default=0)
+    for r in rows:
+        print(f"{r['name']:<{width}}  {r['type']}")
+    if not args.quiet:
+        _say(f"{len(rows)} layers of {args.backbone} (depth {args.depth}); pass one as --layer "
+             "NAME (pooled over space); without --layer: the penultimate layer")
     return 0
 
 
@@ -148,11 +202,21 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from featurepipe.demo import run_demo
 
-    result = run_demo(out_dir=args.out, progress=not args.quiet, log=_say)
+    check_output(args.out, folder=True)
+    t = time.perf_counter()
+    result = run_demo(out_dir=args.out, dataset=args.dataset, data_dir=args.data_dir,
+                      progress=not args.quiet, log=None if args.quiet else _say)
+    result["seconds"] = time.perf_counter() - t
     if args.json:
         _print_json(result)
-    else:
-        print(result["table"])
+        return 0
+    print(f"{result['dataset']}: accuracy on {result['n_test']} test images, "
+          f"standardised ridge classifier, alpha chosen by leave-one-out CV on the training "
+          f"images only")
+    print(result["table"])
+    print(result["summary"])
+    if not args.quiet:
+        _say(f"demo took {result['seconds']:.0f}s")
     return 0
 
 
@@ -175,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the feature store (.h5)")
     _add_backbone_args(p)
     _add_engine_args(p)
-    p.add_argument("--dtype", default="float16", choices=["float16", "float32"])
+    p.add_argument("--dtype", default="float16", choices=["float16", "float32"],
+                   help="how features are stored")
     p.add_argument("--content-hash", action="store_true",
                    help="fingerprint files by sha256 of their bytes instead of size+mtime")
     p.add_argument("--shard-size", type=int, default=None,
@@ -205,24 +270,51 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Ray embedding workers (default: one per CPU, or per GPU share)")
     p.add_argument("--gpus-per-worker", type=float, default=None,
                    help="GPUs per Ray worker, fractions share a GPU (default: 0, CPU workers)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_output_args(p, "the report")
     p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("inspect", help="describe a feature store")
-    p.add_argument("store")
-    p.add_argument("--key", default=None, help="entry key when the file holds several")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("store", help="the feature store (.h5)")
+    p.add_argument("--key", default=None,
+                   help="describe only this entry (default: every entry in the file)")
+    add_output_args(p, "the description")
     p.set_defaults(func=cmd_inspect)
 
+    p = sub.add_parser("export", help="write a store entry's features as npy (npz), parquet "
+                                      "or csv")
+    p.add_argument("store", help="the feature store (.h5)")
+    p.add_argument("--format", default="npy", choices=["npy", "parquet", "csv"],
+                   help="npy: a numpy .npz with features, labels, ids, class_names; parquet "
+                        "(needs pyarrow) and csv: one row per image: id, label, f0..fD")
+    p.add_argument("--key", default=None,
+                   help="entry key or unique prefix (default: the only entry)")
+    p.add_argument("--out", required=True, help="file to write")
+    add_output_args(p, "a summary")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("layers", help="list the layer names --layer accepts for a backbone")
+    p.add_argument("backbone", nargs="?", default="efficientnet_lite0",
+                   help="efficientnet_lite0, torchvision:NAME, timm:NAME or a fine-tuned model "
+                        "folder (built with random weights: nothing is downloaded)")
+    p.add_argument("--depth", type=int, default=2,
+                   help="1 = top-level modules, 2 adds their children (deeper names work too)")
+    add_output_args(p, "the list")
+    p.set_defaults(func=cmd_layers)
+
     p = sub.add_parser("models", help="list backbones: what works offline, what needs a download")
-    p.add_argument("--json", action="store_true")
+    add_output_args(p, "the list")
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("demo", help="embed the bundled digits set, train heads, print a table")
+    p = sub.add_parser("demo", help="frozen features vs raw pixels with few labels "
+                                    "(Fashion-MNIST if installed, else digits)")
     p.add_argument("--out", default="featurepipe-demo", help="folder for the demo's store")
-    p.add_argument("--quiet", action="store_true")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--dataset", default="auto", choices=["auto", "fashion-mnist", "digits"],
+                   help="auto: Fashion-MNIST when its IDX files are in --data-dir, else "
+                        "scikit-learn's digits")
+    p.add_argument("--data-dir", default=FASHION_MNIST_DIR,
+                   help="folder holding Fashion-MNIST's IDX files (apt-get install "
+                        "dataset-fashion-mnist puts them here)")
+    add_output_args(p, "the result")
     p.set_defaults(func=cmd_demo)
 
     from featurepipe import cli_heads
@@ -231,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     from featurepipe import cli_compare
 
     cli_compare.register(sub)
+    for sub_parser in sub.choices.values():
+        sub_parser.formatter_class = DefaultsHelpFormatter
     return parser
 
 
@@ -252,7 +346,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows up here, inside the handler, not at exit
+        return code
+    except BrokenPipeError:
+        # `featurepipe ... --json | head`: the reader has gone; say nothing, like other tools.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except FeaturePipeError as exc:
         if args.debug:
             raise

@@ -10,6 +10,7 @@ import json
 import sys
 from typing import Any
 
+from featurepipe.cli_common import add_output_args, check_output
 from featurepipe.exceptions import ConfigError
 
 # Library defaults mirrored here so that building the parser (``featurepipe --help``) does not
@@ -61,12 +62,21 @@ def _print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, default=str))
 
 
+def _add_device_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    p.add_argument("--workers", type=int, default=None, help="decode workers (default: auto)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto = bf16 where the hardware has it; fp32 = exact mode")
+
+
 # --------------------------------------------------------------------------- compare
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from featurepipe.compare import compare, learning_curve
 
+    check_output(args.out, folder=True)
     finetune = None if args.no_finetune else args.finetune_strategies
     ft_params: dict[str, Any] = {}
     if args.finetune_image_size is not None:
@@ -118,7 +128,7 @@ def _add_compare(sub: Any) -> None:
                    help="a fixed labelled test set; then SOURCE is all training data")
     p.add_argument("--test-size", type=_size, default=0.2,
                    help="held-out fraction (0.2) or count (500) when no --test-source")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the split and the searches")
     p.add_argument("--backbones", "--backbone", type=_csv, default=["efficientnet_lite0"],
                    help="comma-separated backbones for the frozen arms (the first one is "
                         "fine-tuned)")
@@ -135,7 +145,7 @@ def _add_compare(sub: Any) -> None:
     p.add_argument("--no-finetune", action="store_true", help="skip the fine-tuning arms")
     p.add_argument("--finetune-strategies", type=_csv, default=list(FINETUNE_STRATEGIES),
                    help="fine-tuning strategies (default head,full)")
-    p.add_argument("--finetune-epochs", type=int, default=5)
+    p.add_argument("--finetune-epochs", type=int, default=5, help="epochs per fine-tuning arm")
     p.add_argument("--finetune-image-size", type=int, default=None,
                    help="input size for fine-tuning (default: --image-size)")
     p.add_argument("--finetune-minutes", type=float, default=None,
@@ -152,13 +162,10 @@ def _add_compare(sub: Any) -> None:
     p.add_argument("--hog-size", type=int, default=64, help="HOG arm: image side")
     p.add_argument("--hog-cell", type=int, default=8, help="HOG arm: cell side in pixels")
     p.add_argument("--cv", type=int, default=5, help="folds of the hyperparameter searches")
-    p.add_argument("--n-jobs", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=None, help="decode workers (default: auto)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--quiet", action="store_true")
-    p.add_argument("--json", action="store_true", help="print the full result as JSON")
+    p.add_argument("--n-jobs", type=int, default=None,
+                   help="parallel jobs of the searches (default: scikit-learn's, one)")
+    _add_device_args(p)
+    add_output_args(p, "the full result")
     p.set_defaults(func=cmd_compare)
 
 
@@ -168,13 +175,15 @@ def _add_compare(sub: Any) -> None:
 def cmd_finetune(args: argparse.Namespace) -> int:
     from featurepipe.finetune import finetune
 
+    check_output(args.out, folder=True)
     result = finetune(
         args.source, args.out, backbone=args.backbone, weights=args.weights,
         image_size=args.image_size, strategy=args.strategy, epochs=args.epochs, lr=args.lr,
         batch_size=args.batch_size, val_size=args.val_size, resume=args.resume,
+        overwrite=args.overwrite,
         device=args.device, precision=args.precision, num_workers=args.workers,
         augment=None if args.augment == "none" else args.augment,
-        random_state=args.seed, verbose=0 if args.quiet or args.json else 1,
+        random_state=args.seed, verbose=0 if args.quiet else 1,
     )
     summary = result.to_dict()
     if args.json:
@@ -201,26 +210,38 @@ def _add_finetune(sub: Any) -> None:
     p.add_argument("source", help="labelled images: class-per-subfolder folder, CSV manifest, "
                                   "IDX file")
     p.add_argument("--out", required=True, help="run folder")
-    p.add_argument("--backbone", default="efficientnet_lite0")
-    p.add_argument("--weights", default=None, help="weights ('random' for tests)")
-    p.add_argument("--image-size", type=int, default=None)
-    p.add_argument("--strategy", default="head", choices=list(STRATEGIES))
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--backbone", default="efficientnet_lite0",
+                   help="backbone to fine-tune (see `featurepipe models`)")
+    p.add_argument("--weights", default=None,
+                   help="weights: a local file, an enum name or 'random' (default: the "
+                        "backbone's pretrained weights)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="input size (default: the weights' own)")
+    p.add_argument("--strategy", default="head", choices=list(STRATEGIES),
+                   help="head: backbone frozen; partial: last stages; full; gradual: stages "
+                        "unfrozen one by one")
+    p.add_argument("--epochs", type=int, default=10,
+                   help="total epochs; with --resume, more than the run has extends it")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the head")
+    p.add_argument("--batch-size", type=int, default=32, help="images per training step")
     p.add_argument("--augment", default="basic", choices=[*AUGMENTS, "none"],
                    help="training augmentation: basic = random resized crop + flip; trivial / "
                         "randaugment / erasing add TrivialAugmentWide / RandAugment / "
                         "RandomErasing (default: basic)")
     p.add_argument("--val-size", type=_size, default=0.1,
                    help="validation fraction (0.1) or count (200); 0 = none")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    p.add_argument("--seed", type=int, default=0)
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--resume", action="store_true",
+                       help="continue from OUT/checkpoint.pt (a finished run too, with more "
+                            "--epochs)")
+    group.add_argument("--overwrite", action="store_true",
+                       help="start over in an OUT that holds a finished or interrupted run")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split and the training")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--quiet", action="store_true")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto = bf16 autocast where the hardware has it; fp32 = exact mode")
+    add_output_args(p, "the summary")
     p.set_defaults(func=cmd_finetune)
 
 

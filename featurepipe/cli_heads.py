@@ -442,7 +442,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto = bf16 where the hardware has it; fp32 = exact mode")
@@ -468,7 +468,7 @@ def register(sub: Any) -> None:
     p.add_argument("--key", default=None, help="entry key when the store holds several")
     p.add_argument("--out", required=True, help="model file (.joblib, or .skops: no pickle)")
     p.add_argument("--plots", default=None, help="folder for a confusion-matrix PNG")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the split and the search")
     p.add_argument("--chunk-rows", type=int, default=4096,
                    help="rows per chunk streamed from the store by the sgd head")
     p.add_argument("--no-refit", action="store_true",
@@ -482,7 +482,7 @@ def register(sub: Any) -> None:
     p.add_argument("model", help="model file from `featurepipe fit`, or a `featurepipe finetune` "
                                  "output folder")
     p.add_argument("images", nargs="+", help="image files and/or folders")
-    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--top-k", type=int, default=3, help="labels shown per image")
     _add_model_args(p)
     p.set_defaults(func=cmd_predict)
 

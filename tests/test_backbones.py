@@ -566,6 +566,10 @@ def test_describe_fetches_uncached_timm_weights_as_load_does(offline, monkeypatc
         return str(target)
 
     monkeypatch.setattr(timm_hub, "hf_hub_download", download)
+    import huggingface_hub  # the hub answers (the download itself is simulated above)
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", lambda url, **kw: None)
     described = describe_backbone("timm:test_efficientnet")
     assert downloads == ["model.safetensors"]
     assert described.weights_sha256 == _sha256(repo / "snapshots" / "c0" / "model.safetensors")

@@ -40,7 +40,9 @@ def test_embed_then_inspect_json(mixed_folder, tmp_path, capsys):
     assert "skipped b/zero.jpg: empty" in out
 
     code, out, _ = _run(capsys, "inspect", store, "--json")
-    info = json.loads(out)
+    desc = json.loads(out)
+    assert len(desc["entries"]) == 1 and desc["differs"] == {}
+    info = desc["entries"][0]
     bad = sorted(k for k, v in expected.items() if v)
     assert code == 0
     assert info["n_rows"] == len(expected) - len(bad)

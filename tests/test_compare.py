@@ -245,3 +245,14 @@ def test_cli_compare_layer_feeds_frozen_arms(run, tmp_path, capsys):
     assert emb["key"] != run["res"].embedding[0]["key"]  # another layer is another entry
     assert FeatureStore(tmp_path / "r" / "features.h5").load(emb["key"]).features.shape[1] == \
         bb.feature_dim
+
+
+def test_each_arm_shows_progress(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A search or a fine-tune can take minutes: a bar on stderr names the arm being trained."""
+    root = _write_folder(tmp_path / "photos")
+    compare(root, tmp_path / "report", heads="logreg", classical="pixels+logreg",
+            finetune=("head",), finetune_epochs=1, test_size=0.3,
+            **{**FAST, "progress": True})
+    err = capsys.readouterr().err
+    assert "compare arms" in err and "3/3" in err
+    assert "epoch" in err.lower()  # the fine-tune arm's own bar

@@ -275,7 +275,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(
     assert load_checkpoint(ckpt_dir / "checkpoint.pt")["trainer"]["epoch"] == 1
 
     X, y = red_blue()
-    with pytest.raises(ConfigError, match=r"lr.*epochs|epochs.*lr"):
+    with pytest.raises(ConfigError, match=r"parameters differ .*lr: 0.003 -> 0.01"):
         FineTuneClassifier(**dict(EXACT, lr=1e-2, epochs=4), checkpoint_dir=ckpt_dir,
                            resume=True).fit(X, y)
     with pytest.raises(ConfigError, match="images or labels differ"):
@@ -464,3 +464,73 @@ def test_fp16_steps_the_grad_scaler_skips_do_not_advance_the_schedule() -> None:
     assert sched.last_epoch == 0 and torch.equal(model.weight.detach(), before)
     trainer.train_step(torch.randn(8, 4) * 0.1, y)
     assert sched.last_epoch == 1 and not torch.equal(model.weight.detach(), before)
+
+
+def test_resume_extends_a_finished_run(tmp_path: Path) -> None:
+    """--resume --epochs N after a finished run trains the extra epochs on a stretched cosine."""
+    X, y = red_blue()
+    run = tmp_path / "run"
+    two = FineTuneClassifier(**dict(EXACT, epochs=2), checkpoint_dir=run).fit(X, y)
+    with pytest.raises(ConfigError, match="already trained 2 epochs"):
+        FineTuneClassifier(**dict(EXACT, epochs=1), checkpoint_dir=run, resume=True).fit(X, y)
+    three = FineTuneClassifier(**dict(EXACT, epochs=3), checkpoint_dir=run, resume=True).fit(X, y)
+    assert [r["epoch"] for r in three.history_] == [1, 2, 3]
+    for a, b in zip(two.history_, three.history_[:2], strict=False):
+        assert a[METRICS[0]] == b[METRICS[0]]  # the first two epochs are the finished run's
+    # On the old plan the cosine had reached 0 at the end of epoch 2; the new plan stretches it.
+    assert two.history_[-1]["lrs"]["head"] > 0 and three.history_[2]["lrs"]["head"] > 0
+    assert load_checkpoint(run / "checkpoint.pt")["params"]["epochs"] == 3
+    # The extended run's checkpoint resumes like any other: nothing left to train.
+    again = FineTuneClassifier(**dict(EXACT, epochs=3), checkpoint_dir=run, resume=True).fit(X, y)
+    assert len(again.history_) == 3
+
+
+def test_finished_run_is_not_overwritten_without_overwrite(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    X, y = red_blue(16)
+    params = dict(EXACT, epochs=1, val_size=0.25)
+    out = tmp_path / "ft"
+    finetune(X, out, y=y, **params)
+    before = (out / "metrics.json").read_bytes()
+    with pytest.raises(ConfigError, match="holds a finished fine-tuning run") as info:
+        finetune(X, out, y=y, **params)
+    text = str(info.value)
+    assert str(out) in text and "--resume" in text and "--overwrite" in text
+    assert (out / "metrics.json").read_bytes() == before
+    (out / "metrics.json").unlink()  # as if killed before the end: the checkpoint remains
+    with pytest.raises(ConfigError, match="holds an interrupted fine-tuning run"):
+        finetune(X, out, y=y, **params)
+    finetune(X, out, y=y, overwrite=True, **params)
+    assert (out / "metrics.json").is_file()
+
+
+def test_finetune_cli_refuses_a_finished_run_in_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from featurepipe.cli import main
+    from tests.helpers import write_good_images
+
+    write_good_images(tmp_path / "photos" / "a", 4, seed=0)
+    write_good_images(tmp_path / "photos" / "b", 4, seed=1)
+    argv = ["finetune", str(tmp_path / "photos"), "--out", str(tmp_path / "ft"), "--backbone",
+            TINY["backbone"], "--weights", "random", "--image-size", "32", "--epochs", "1",
+            "--batch-size", "4", "--val-size", "4", "--precision", "fp32", "--quiet", "--json"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--resume" in err and "--overwrite" in err
+    longer = [*argv[:argv.index("--epochs") + 1], "2", *argv[argv.index("--epochs") + 2:]]
+    assert main([*longer, "--resume"]) == 0
+    assert json.loads(capsys.readouterr().out)["epochs_run"] == 2
+    assert main([*argv, "--overwrite"]) == 0
+
+
+def test_run_files_follow_the_umask(tmp_path: Path) -> None:
+    X, y = red_blue(16)
+    old = os.umask(0o027)
+    try:
+        finetune(X, tmp_path / "ft", y=y, **dict(EXACT, epochs=1))
+    finally:
+        os.umask(old)
+    for name in ("checkpoint.pt", "history.json", "metrics.json", "history.png"):
+        assert (tmp_path / "ft" / name).stat().st_mode & 0o777 == 0o640, name

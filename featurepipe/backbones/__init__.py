@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 #: a description does not import torch: ``featurepipe fit`` and saved models stay light.
 _WHERE = {
     "file_sha256": "_build",
+    "backbone_layers": "_catalog",
     "list_backbones": "_catalog",
     "reset_classifier": "_classifier",
     "torchvision_head_path": "_classifier",
@@ -39,7 +40,7 @@ _WHERE = {
 
 if TYPE_CHECKING:
     from featurepipe.backbones._build import file_sha256
-    from featurepipe.backbones._catalog import list_backbones
+    from featurepipe.backbones._catalog import backbone_layers, list_backbones
     from featurepipe.backbones._classifier import reset_classifier, torchvision_head_path
     from featurepipe.backbones._describe import BackboneDescription, describe_backbone
     from featurepipe.backbones._export import export_finetuned
@@ -79,6 +80,7 @@ __all__ = [
     "BackboneSpec",
     "PreprocessSpec",
     "ResizeCenterCrop",
+    "backbone_layers",
     "describe_backbone",
     "export_finetuned",
     "file_sha256",

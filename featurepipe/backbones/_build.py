@@ -318,10 +318,13 @@ def _build_timm(spec: BackboneSpec) -> Built:
         _load_local(model, spec.weights)
         return Built(model, "timm")
     check_timm_source(spec, pretrained_cfg)
-    try:
-        model = timm.create_model(name, pretrained=True, **kwargs)
-    except Exception as exc:  # noqa: BLE001 - hub, network and format errors alike
-        raise _download_hint(f"{spec.name} pretrained weights", exc) from exc
+    from featurepipe.backbones._hub import hub_fast_fail  # here: _hub imports this module
+
+    with hub_fast_fail(spec):
+        try:
+            model = timm.create_model(name, pretrained=True, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - hub, network and format errors alike
+            raise _download_hint(f"{spec.name} pretrained weights", exc) from exc
     return Built(model, "timm")
 
 

@@ -121,3 +121,32 @@ def list_backbones() -> list[dict[str, Any]]:
         }
     )
     return rows
+
+
+def backbone_layers(name: str, depth: int = 2) -> list[dict[str, str]]:
+    """The module names ``layer=`` / ``--layer`` accepts for a backbone, input to output.
+
+    The architecture is built with random weights, so nothing is downloaded and hub models
+    list their layers offline; the names are the same whatever weights are loaded later.
+
+    Parameters
+    ----------
+    name : str
+        A backbone name (``efficientnet_lite0``, ``torchvision:NAME``, ``timm:NAME`` or a
+        fine-tuned model folder).
+    depth : int
+        ``1`` = top-level modules; ``2`` adds their children (``blocks.5``). Deeper names
+        work too.
+
+    Returns
+    -------
+    list of dict
+        ``{"name", "type"}`` per module (``type`` is its class name).
+    """
+    from featurepipe.backbones._build import build
+    from featurepipe.backbones._extract import layer_names
+    from featurepipe.backbones._spec import RANDOM, resolve_spec
+
+    model = build(resolve_spec(name, RANDOM)).model
+    modules = dict(model.named_modules())
+    return [{"name": n, "type": type(modules[n]).__name__} for n in layer_names(model, depth)]

@@ -210,15 +210,27 @@ def compare(
     ctx = ArmContext(seed=seed, cv=cv, n_jobs=n_jobs, max_train=max_train,
                      finetune_params=_finetune_params(finetune_epochs, finetune_params, weights,
                                                       image_size, device, precision),
-                     feature_seconds_per_image=prep.seconds_per_image, log=say, on_fit=on_fit)
+                     feature_seconds_per_image=prep.seconds_per_image, log=say, on_fit=on_fit,
+                     progress=progress)
     rows = []
     partial = out / "compare.partial.json"  # finished arms survive a killed long run
+    bar = arm_bar(len(arms), progress)
     for arm in arms:
+        bar.set_postfix_str(arm.name)
         rows.append(run_arm(arm, prep.train, prep.test, ctx))
         write_json({"rows": rows, "split": prep.split}, partial)
+        bar.update()
+    bar.close()
     result = _write(rows, prep, settings, out, time.perf_counter() - start)
     partial.unlink(missing_ok=True)
     return result
+
+
+def arm_bar(total: int, progress: bool) -> Any:
+    """One tqdm bar (stderr) over the arms: a search or a fine-tune can run for minutes."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="compare arms", unit="arm", disable=not progress)
 
 
 def _settings(args: dict[str, Any]) -> dict[str, Any]:

@@ -103,6 +103,8 @@ class ArmContext:
     finetune_params: dict[str, Any] = field(default_factory=dict)
     feature_seconds_per_image: dict[str, float | None] = field(default_factory=dict)
     log: Callable[[str], None] = lambda _m: None
+    #: Fine-tuning arms show their epoch bars (tqdm, stderr) when True.
+    progress: bool = False
     #: Called with (arm name, training Part) before fitting; tests use it to check the protocol.
     on_fit: Callable[[str, Part], None] | None = None
 
@@ -204,7 +206,7 @@ def _finetune(arm: ArmSpec, train: Part, test: Part, ctx: ArmContext
     minutes = params.pop("max_minutes", None)
     limit = TimeLimit(60.0 * minutes) if minutes else None
     params.setdefault("random_state", ctx.seed)
-    params.setdefault("verbose", 0)
+    params.setdefault("verbose", 1 if ctx.progress else 0)
     est = FineTuneClassifier(backbone=arm.backbone or "efficientnet_lite0",
                              strategy=arm.strategy or "head",
                              callbacks=[limit] if limit else None, **params)

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from featurepipe.compare._api import _finetune_params, _prepare, _settings, _tuple
+from featurepipe.compare._api import _finetune_params, _prepare, _settings, _tuple, arm_bar
 from featurepipe.compare._arms import ArmContext, build_arms, run_arm
 from featurepipe.compare._data import Part, per_class_subsample
 from featurepipe.compare._output import curve_markdown, plot_curve, write_json
@@ -157,6 +157,7 @@ def learning_curve(
     shape = (len(arms), len(sizes), len(seed_list))
     acc, f1, fit = np.full(shape, np.nan), np.full(shape, np.nan), np.full(shape, np.nan)
     rows = []
+    bar = arm_bar(len(arms) * len(sizes) * len(seed_list), progress)
     for s, n in enumerate(sizes):
         for k, sd in enumerate(seed_list):
             train = prep.train.take(per_class_subsample(prep.train.labels, n, sd))
@@ -165,14 +166,17 @@ def learning_curve(
                                                               weights, image_size, device,
                                                               precision),
                              feature_seconds_per_image=prep.seconds_per_image, log=say,
-                             on_fit=on_fit)
+                             on_fit=on_fit, progress=progress)
             for a, arm in enumerate(arms):
+                bar.set_postfix_str(f"{n}/class, seed {sd}, {arm.name}")
                 row = run_arm(arm, train, prep.test, ctx)
+                bar.update()
                 acc[a, s, k], f1[a, s, k] = row["accuracy"], row["macro_f1"]
                 fit[a, s, k] = row["fit_seconds"]
                 rows.append({**row, "samples_per_class": n, "seed": sd})
             say(f"{n} per class, seed {sd}: "
                 + ", ".join(f"{arm.name} {acc[a, s, k]:.3f}" for a, arm in enumerate(arms)))
+    bar.close()
     names = [a.name for a in arms]
     result = LearningCurveResult(names, sizes, seed_list, acc, f1, fit, rows,
                                  {**prep.split, "classes": prep.classes}, settings,

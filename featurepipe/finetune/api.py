@@ -13,7 +13,7 @@ from featurepipe.atomic import atomic_write_text
 from featurepipe.finetune.classifier import CHECKPOINT_NAME, FineTuneClassifier
 from featurepipe.finetune.history import plot_history, save_history
 
-__all__ = ["FineTuneResult", "finetune"]
+__all__ = ["FineTuneResult", "finetune", "refuse_existing_run"]
 
 
 @dataclass
@@ -46,8 +46,22 @@ class FineTuneResult:
         return {**self.metrics, "out_dir": str(self.out_dir), "paths": dict(self.paths)}
 
 
+def refuse_existing_run(out: Path, checkpoint_dir: Path) -> None:
+    """Stop before a fresh run replaces a finished or interrupted one in the same folder."""
+    from featurepipe.exceptions import ConfigError
+
+    if (out / "metrics.json").is_file():
+        state = "a finished fine-tuning run"
+    elif (checkpoint_dir / CHECKPOINT_NAME).is_file():
+        state = "an interrupted fine-tuning run"
+    else:
+        return
+    raise ConfigError(f"{out} holds {state}; pass --resume to continue it (with --epochs N to "
+                      "train longer) or --overwrite to replace it")
+
+
 def finetune(source: Any, out_dir: str | os.PathLike[str], *, y: Any | None = None,
-             **params: Any) -> FineTuneResult:
+             overwrite: bool = False, **params: Any) -> FineTuneResult:
     """Fine-tune on ``source`` and write a self-contained run folder.
 
     Writes ``out_dir/checkpoint.pt`` (every epoch, atomic; rerun with ``resume=True`` to continue
@@ -62,6 +76,9 @@ def finetune(source: Any, out_dir: str | os.PathLike[str], *, y: Any | None = No
         Run folder; also the checkpoint folder unless ``checkpoint_dir`` is passed.
     y : array-like, optional
         Labels, when the source carries none.
+    overwrite : bool, default=False
+        Start over in a folder that holds a finished or interrupted run. Without it (and without
+        ``resume=True``) such a folder is refused, so no run is lost to a rerun.
     **params
         :class:`FineTuneClassifier` parameters.
 
@@ -75,9 +92,11 @@ def finetune(source: Any, out_dir: str | os.PathLike[str], *, y: Any | None = No
     >>> res.to_dict()["best_val_acc"]                                              # doctest: +SKIP
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     if params.get("checkpoint_dir") is None:
         params["checkpoint_dir"] = str(out)
+    if not params.get("resume") and not overwrite:
+        refuse_existing_run(out, Path(params["checkpoint_dir"]))
+    out.mkdir(parents=True, exist_ok=True)
     est = FineTuneClassifier(**params)
     start = time.perf_counter()
     est.fit(source, y)

@@ -378,8 +378,13 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
 
     def _check_resume_params(self, ckpt: dict[str, Any]) -> None:
         saved, now = ckpt.get("params", {}), self._config()
+        done = int(ckpt.get("trainer", {}).get("epoch", 0))
+        if isinstance(self.epochs, int) and self.epochs < done:
+            raise ConfigError(f"cannot resume from {self.checkpoint_dir} with epochs="
+                              f"{self.epochs}: the run has already trained {done} epochs")
+        # More epochs than the run planned extend it (the cosine schedule is stretched).
         diff = sorted(k for k in set(saved) | set(now)
-                      if k not in RESUME_FREE and saved.get(k) != now.get(k))
+                      if k not in RESUME_FREE and k != "epochs" and saved.get(k) != now.get(k))
         if diff:
             detail = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in diff)
             raise ConfigError(

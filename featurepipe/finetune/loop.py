@@ -261,12 +261,34 @@ class Trainer:
             "callbacks": {type(cb).__name__: cb.state_dict() for cb in self.callbacks},
         }
 
+    def _load_scheduler(self, saved: dict[str, Any]) -> None:
+        """Restore the scheduler's step count, keeping this run's plan for its schedule.
+
+        ``LambdaLR`` saves the state of multiplier objects (e.g. a cosine's total steps) with its
+        step count. A resume that extends the run (more epochs) must keep the new total, so the
+        cosine is stretched over the longer run and the learning rate is set where the new
+        schedule has it at this step. A plain resume plans the same schedule: nothing changes.
+        """
+        lambdas = getattr(self.scheduler, "lr_lambdas", [])
+        planned = [dict(vars(f)) if hasattr(f, "__dict__") else None for f in lambdas]
+        self.scheduler.load_state_dict(saved)
+        replanned = False
+        for f, plan in zip(lambdas, planned, strict=True):
+            if plan is not None and vars(f) != plan:
+                vars(f).update(plan)
+                replanned = True
+        if replanned:
+            step = self.scheduler.last_epoch
+            for group, base, f in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
+                                      lambdas, strict=True):
+                group["lr"] = base * f(step)
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned (callbacks are matched by class name)."""
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state["scheduler"] is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
+            self._load_scheduler(state["scheduler"])
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
         self.epoch = int(state["epoch"])
