@@ -117,9 +117,7 @@ def fit_store(store: str | os.PathLike, head: str = "logreg", *, key: str | None
     data = None if streaming else fs.load(key)
     labels = _labels(fs, key, chunk_rows) if data is None else data.labels
     class_names = fs.info(key)["classes"] if data is None else data.class_names
-    _refuse_unlabelled(labels, store)
-    if data is not None:
-        _refuse_non_finite(data.features, data.ids, store)
+    _refuse_unlabelled(labels, store)  # non-finite rows are refused by the store's readers
 
     test: tuple[FeatureStore, str] | None = None
     is_train = np.ones(len(labels), dtype=bool)
@@ -184,15 +182,6 @@ def _refuse_unlabelled(labels: np.ndarray, store: Any) -> None:
             "labelled: embed a class-per-subfolder folder or a manifest with a label column")
 
 
-def _refuse_non_finite(features: np.ndarray, ids: list[str], store: Any) -> None:
-    """One line naming the rows whose features hold NaN or inf, before any fitting."""
-    bad = np.flatnonzero(~np.isfinite(features).all(axis=1))
-    if len(bad):
-        shown = ", ".join(str(ids[i]) for i in bad[:5]) + (" ..." if len(bad) > 5 else "")
-        raise ConfigError(f"{store}: {len(bad)} rows have non-finite features (NaN or inf): "
-                          f"{shown}; re-embed those images or remove them from the store")
-
-
 def _split(labels: np.ndarray, test_size: float, seed: int, store: Any) -> np.ndarray:
     from sklearn.model_selection import train_test_split
 
@@ -226,7 +215,6 @@ def _matching_key(fs: FeatureStore, key: str, parts: dict) -> str:
 def _chunks(fs: FeatureStore, key: str, chunk_rows: int, keep: np.ndarray, store: Any
             ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     for chunk in fs.iter_chunks(key, chunk_rows):
-        _refuse_non_finite(chunk.features, chunk.ids, store)
         sel = keep[chunk.start : chunk.start + len(chunk.ids)]
         yield chunk.features[sel], chunk.labels[sel]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import h5py
 import numpy as np
 import pytest
 
@@ -237,21 +238,21 @@ def test_fit_refuses_unwritable_out_before_any_work(photos, tmp_path, capsys, mo
 
 
 def test_fit_names_rows_with_non_finite_features(photos, tmp_path, capsys):
-    path = _big_store(tmp_path, photos / "photos.h5", n=40)
-    fs = FeatureStore(path)
-    data = fs.load(fs.resolve_key())
+    # The writer now skips non-finite rows, so a bad store is one damaged after its commit
+    # (or written before that rule): corrupt two rows of a committed entry in place.
     bad = tmp_path / "bad.h5"
-    X = data.features.copy()
-    X[3, 0], X[17, 5] = np.nan, np.inf
-    with FeatureStore(bad).writer(data.key, data.attrs) as writer:
-        writer.write_shard("s0", data.ids, ["fp"] * len(data.ids), X)
-        writer.commit([(i, "fp", int(lab)) for i, lab in zip(data.ids, data.labels, strict=True)],
-                      data.class_names)
+    shutil.copy(_big_store(tmp_path, photos / "photos.h5", n=40), bad)
+    key = FeatureStore(bad).resolve_key()
+    with h5py.File(bad, "r+") as fh:
+        fh[f"entries/{key}/features"][3, 0] = np.nan
+        fh[f"entries/{key}/features"][17, 5] = np.inf
+    ids = FeatureStore(bad).lookup(key)
+    names = sorted(ids, key=lambda i: ids[i][0])
     for head in ("logreg", "sgd"):
         code, _, err = run(capsys, "fit", bad, "--head", head, "--out", tmp_path / "m.joblib")
         assert code == 1 and err.count("\n") == 1, err
-        assert str(bad) in err and "2 rows have non-finite features" in err
-        assert "row000003" in err and "row000017" in err
+        assert str(bad) in err and "non-finite features (NaN or inf) in 2 row(s)" in err
+        assert repr(names[3]) in err and repr(names[17]) in err
 
 
 def test_predict_and_evaluate_take_quiet(photos, tmp_path, capsys):
