@@ -266,8 +266,8 @@ def decode_image_tensor(
     operator behind ``torchvision.io.decode_jpeg`` straight into the tensor. It is libjpeg-turbo
     with the settings Pillow uses, so the pixels are Pillow's bit for bit
     (``tests/test_decode_tensor.py`` pins that), without Pillow's Python-level work and the copy
-    out of a PIL image: 0.68 instead of 0.92 ms per 500x375 photo, and the decoder releases the
-    GIL for the whole call. Any other file -- or any error -- goes through
+    out of a PIL image (measured in ``docs/performance.md``), and the decoder releases the GIL
+    for the whole call. Any other file -- or any error -- goes through
     :func:`decode_image`, which names the problem. So does a JPEG whose bottom-right pixel is
     what a block with no data decodes to (grey 128, or any grey for a colour JPEG, whose
     missing chroma is neutral): libjpeg fills a scan cut short that way without an error
