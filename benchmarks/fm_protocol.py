@@ -126,6 +126,7 @@ def summary(times: list[float]) -> dict[str, float | int]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     t_start = time.perf_counter()
+    facts = {**machine(), "cpu_flags": cpu_flags(), "machine": platform.machine()}  # the commit run
     try:
         train_src = load_fashion_mnist(args.data, "train")
         test_src = load_fashion_mnist(args.data, "test")
@@ -193,7 +194,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "mode": "small" if (args.n_train or args.n_test) else "full",
         "protocol": "benchmarks/protocol.md (2026-12-07)",
         "command": "python -m benchmarks.fm_protocol " + " ".join(sys.argv[1:]),
-        "machine": {**machine(), "cpu_flags": cpu_flags(), "machine": platform.machine()},
+        "machine": facts,
         "load_average_start": list(os.getloadavg()),
         "n_train": len(y), "n_fit": len(fit), "n_val": len(val), "n_test": len(y_test),
         "seed": args.seed, "val_size": args.val_size, "kernel": args.kernel,
