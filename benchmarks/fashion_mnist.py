@@ -242,10 +242,14 @@ def stage_finetune_full(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     train = stratified(load_split(args.data, "train"), args.train_size)
     test = load_split(args.data, "test")
     t0 = time.perf_counter()
+    # No shared holdout (val_size=0): the fine-tuning run is fitted on all training rows and
+    # early-stops on its own split of them; runs are ranked by that validation accuracy.
+    # --ft-weights random trains the same network from scratch (the protocol's control).
     res = compare(train, work / "finetune_full", test_source=test, backbones=BACKBONE,
-                  image_size=size, heads=None, classical=None, finetune=args.ft_strategies,
-                  finetune_epochs=args.ft_epochs, finetune_params=_ft_params(args), cv=args.cv,
-                  log=log, progress=False)
+                  weights=args.ft_weights, image_size=size, heads=None, classical=None,
+                  finetune=args.ft_strategies, finetune_epochs=args.ft_epochs,
+                  finetune_params=_ft_params(args), cv=args.cv, val_size=0, log=log,
+                  progress=False)
     out = {**res.to_dict(), "wall_seconds": time.perf_counter() - t0, "load_avg": load_avg(),
            "image_size": size, "n_train_images": len(train), "machine": machine(),
            "command": " ".join(["python -m benchmarks.fashion_mnist", *sys.argv[1:]])}
@@ -541,6 +545,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--ft-label-smoothing", type=float, default=0.0)
     ap.add_argument("--ft-augment", default="basic",
                     choices=["basic", "trivial", "randaugment", "erasing"])
+    ap.add_argument("--ft-weights", default=None,
+                    help="finetune-full: 'random' trains the same network from scratch (the "
+                         "from-scratch CNN control of benchmarks/protocol.md)")
     ap.add_argument("--ft-strategies", type=lambda t: tuple(x.strip() for x in t.split(",")),
                     default=("head", "full"), help="fine-tuning arms, e.g. head,full")
     ap.add_argument("--curve-sizes", type=_ints, default=[5, 10, 25, 50, 100])

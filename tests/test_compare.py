@@ -327,3 +327,13 @@ def test_every_arm_gets_the_same_training_cap(run, tmp_path):
                   finetune=None, test_size=0.3, max_train=9, **FAST)
     assert {r["n_train"] for r in res.rows} == {9}
     assert len({r["train_ids_sha256"] for r in res.rows}) == 1
+
+
+def test_no_holdout_names_no_headline(run, tmp_path):
+    res = compare(run["root"], tmp_path / "r", heads="logreg", classical="pixels+logreg",
+                  finetune=None, test_size=0.3, val_size=0, **FAST)
+    assert {r["n_val"] for r in res.rows} == {0} and res.split["n_val"] == 0
+    assert all(r["val_accuracy"] is None for r in res.rows) and res.comparisons == []
+    assert {r["n_train"] for r in res.rows} == {res.split["n_train"]}
+    with pytest.raises(KeyError, match="validation accuracy"):
+        res.best("frozen")

@@ -111,7 +111,7 @@ def compare(
     labels: Sequence[Any] | None = None,
     test_source: Any | None = None,
     test_size: float | int = 0.2,
-    val_size: float | int = 0.1,
+    val_size: float | int | None = 0.1,
     seed: int = 0,
     backbones: str | Sequence[str] = ("efficientnet_lite0",),
     weights: str | None = None,
@@ -162,9 +162,12 @@ def compare(
         data and ``test_size`` is not used.
     test_size : float or int, default=0.2
         Fraction (or count) of ``source`` held out for testing, stratified.
-    val_size : float or int, default=0.1
+    val_size : float, int or None, default=0.1
         Fraction (or count, at least one image per class) of the training split held out as the
-        validation rows that select headline arms; arms are fitted on the rest.
+        validation rows that select headline arms; arms are fitted on the rest. ``0`` or
+        ``None``: no holdout, every arm fits on the whole training split, and no headline arm
+        is named (:meth:`CompareResult.best` raises ``KeyError``; fine-tuning still early-stops
+        on its own split).
     seed : int, default=0
         Split, CV folds, subsamples and fine-tuning share it.
     backbones : str or sequence of str
@@ -233,9 +236,11 @@ def compare(
     settings = _settings(locals())
     prep = _prepare(source, out, labels, test_source, test_size, seed, bbs, weights, image_size,
                     layer, batch_size, workers, device, precision, progress, arms, settings, say)
-    fit_rows, val_rows = validation_split(prep.train, val_size, seed)
-    prep.split.update({"n_fit": len(fit_rows), "n_val": len(val_rows), "val_size": val_size,
-                       "fit_ids_sha256": fit_rows.digest(), "val_ids_sha256": val_rows.digest()})
+    fit_rows, val_rows = (validation_split(prep.train, val_size, seed) if val_size
+                          else (prep.train, None))
+    prep.split.update({"n_fit": len(fit_rows), "n_val": 0 if val_rows is None else len(val_rows),
+                       "val_size": val_size, "fit_ids_sha256": fit_rows.digest(),
+                       "val_ids_sha256": val_rows.digest() if val_rows is not None else None})
     predictions: dict[str, Any] = {}
     ctx = ArmContext(seed=seed, cv=cv, n_jobs=n_jobs, max_train=caps,
                      finetune_params=_finetune_params(finetune_epochs, finetune_params, weights,
@@ -249,7 +254,7 @@ def compare(
         write_json({"rows": rows, "split": prep.split}, partial)
     comparisons = headline_comparisons(rows, predictions, prep.test.labels)
     result = _write(rows, prep, settings, out, time.perf_counter() - start, comparisons,
-                    (fit_rows.ids, val_rows.ids))
+                    (fit_rows.ids, val_rows.ids if val_rows is not None else []))
     partial.unlink(missing_ok=True)
     return result
 
