@@ -190,6 +190,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                     predictions[headlines[b]["arm"]])
             comparisons.append({"a": headlines[a]["arm"], "b": headlines[b]["arm"],
                                 "family_a": a, "family_b": b, **res})
+    # Per-image test predictions, so later runs (fine-tuning on a GPU) can be paired with these
+    # arms by an exact McNemar test.
+    np.savez_compressed(work / "predictions.npz", y_test=y_test,
+                        **{a: p.astype(np.int16) for a, p in predictions.items()})
     return {
         "mode": "small" if (args.n_train or args.n_test) else "full",
         "protocol": "benchmarks/protocol.md (2026-12-07)",
@@ -201,6 +205,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "n_components": args.n_components, "repeats": args.repeats,
         "grids": {"linear_C": fm_heads.LINEAR_CS, "kernel_g": fm_heads.KERNEL_G,
                   "kernel_C": fm_heads.KERNEL_CS, "max_iter": fm_heads.MAX_ITER},
+        "blas_threads": args.blas_threads, "test_positions": te.tolist(),
         "arms": arms, "headlines": {k: v["arm"] if v else None for k, v in headlines.items()},
         "comparisons": comparisons, "wall_seconds": time.perf_counter() - t_start,
     }
@@ -293,7 +298,8 @@ def markdown(res: dict[str, Any]) -> str:
         f"{res['n_train']:,} training rows ({res['n_fit']:,} fit + {res['n_val']:,} validation "
         f"holdout for the searches; final fits on all {res['n_train']:,}), "
         f"{res['n_test']:,} test images. Kernel head: {res['kernel']}"
-        + (f", {res['n_components']} Nystroem components" if res["kernel"] != "exact" else "")
+        + (f", min({res['n_components']}, rows) Nystroem components"
+           if res["kernel"] != "exact" else "")
         + f". Times: median of {res['repeats']} repeat(s), seconds.", "",
         markdown_table(rows, list(rows[0])), "",
     ]
@@ -355,6 +361,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--kernel", choices=["nystroem", "exact"], default="nystroem")
     ap.add_argument("--n-components", type=int, default=fm_heads.N_COMPONENTS)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--blas-threads", type=int, default=None,
+                    help="BLAS threads for the heads (1 on a machine shared with other jobs: "
+                         "busy-waiting BLAS threads oversubscribe it); recorded")
     ap.add_argument("--out", default=None,
                     help="results/<OUT>.json/.md (default: WORK/fm_protocol.* for small runs)")
     ap.add_argument("--no-log", action="store_true", help="do not append to the results log")
@@ -367,13 +376,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    res = run(args)
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=args.blas_threads, user_api="blas"):
+        res = run(args)
     md = markdown(res)
     folder = RESULTS if args.out else Path(args.work)
     name = args.out or "fm_protocol"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{name}.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
     (folder / f"{name}.md").write_text(md)
+    if args.out:
+        (folder / f"{name}.predictions.npz").write_bytes(
+            (Path(args.work) / "predictions.npz").read_bytes())
     if not args.no_log:
         n = fm_log.append(log_entries(res))
         log(f"appended {n} entries to {fm_log.LOG}")

@@ -97,6 +97,8 @@ def test_every_arm_reports_every_metric(run):
     assert not (run["out"] / "compare.partial.json").exists()
     saved = json.loads(Path(res.paths["json"]).read_text())
     assert [r["arm"] for r in saved["rows"]] == arms
+    with np.load(res.paths["predictions"]) as z:  # kept for McNemar against later runs
+        assert set(z.files) == {"y_test", *arms} and len(z["y_test"]) == res.split["n_test"]
     md = Path(res.paths["markdown"]).read_text()
     assert "| arm | val_accuracy | accuracy | accuracy_95ci | macro_f1 | n_train | n_val |" in md
     assert "exact McNemar" in md

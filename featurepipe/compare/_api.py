@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from featurepipe.compare._arms import (
     FINETUNE_STRATEGIES,
     ArmContext,
@@ -57,7 +59,8 @@ class CompareResult:
         The arguments that shaped the run.
     out_dir : Path
     paths : dict
-        ``json``, ``markdown``, ``png``, ``split`` file paths.
+        ``json``, ``markdown``, ``png``, ``split``, ``predictions`` file paths
+        (``predictions.npz``: ``y_test`` and each arm's test predictions, in test order).
     table : str
         The Markdown report.
     """
@@ -253,6 +256,9 @@ def compare(
         rows.append(run_arm(arm, fit_rows, prep.test, ctx, val=val_rows))
         write_json({"rows": rows, "split": prep.split}, partial)
     comparisons = headline_comparisons(rows, predictions, prep.test.labels)
+    # Per-image test predictions: a later run (another machine, a GPU) can be paired with these.
+    arrays: dict[str, Any] = {"y_test": prep.test.labels, **predictions}
+    np.savez_compressed(out / "predictions.npz", **arrays)
     result = _write(rows, prep, settings, out, time.perf_counter() - start, comparisons,
                     (fit_rows.ids, val_rows.ids if val_rows is not None else []))
     partial.unlink(missing_ok=True)
@@ -335,7 +341,8 @@ def _write(rows: list[dict[str, Any]], prep: Prepared, settings: dict[str, Any],
                            skipped=prep.skipped, seconds=seconds,
                            comparisons=list(comparisons or []))
     result.paths = {"json": str(out / "compare.json"), "markdown": str(out / "compare.md"),
-                    "png": str(out / "compare.png"), "split": str(out / "split.json")}
+                    "png": str(out / "compare.png"), "split": str(out / "split.json"),
+                    "predictions": str(out / "predictions.npz")}
     plot_compare(rows, result.paths["png"])
     (out / "compare.md").write_text("# Comparison\n\n" + table, encoding="utf-8")
     write_json(result.to_dict(), result.paths["json"])
