@@ -108,6 +108,7 @@ def timed(fn: Callable[[], Any], repeats: int) -> tuple[Any, list[float]]:
     """``fn()``'s result (first call) and the wall time of each of ``repeats`` calls."""
     out, times = None, []
     for k in range(repeats):
+        LOADS.append(os.getloadavg()[0])
         t0 = time.perf_counter()
         res = fn()
         times.append(time.perf_counter() - t0)
@@ -116,9 +117,14 @@ def timed(fn: Callable[[], Any], repeats: int) -> tuple[Any, list[float]]:
     return out, times
 
 
-def summary(times: list[float]) -> dict[str, float | int]:
+#: 1-minute load average before each timed repeat (protocol: timings on an idle machine).
+LOADS: list[float] = []
+
+
+def summary(times: list[float]) -> dict[str, Any]:
+    """Median, range and count of repeated timings, with the load before each repeat."""
     return {"median": statistics.median(times), "min": min(times), "max": max(times),
-            "repeats": len(times)}
+            "repeats": len(times), "load_before": LOADS[-len(times):]}
 
 
 # ------------------------------------------------------------------------------ run
@@ -185,15 +191,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     headlines = {fam: _headline(arms, fam) for fam in ("classical", "frozen", "hybrid")}
     comparisons = []
     for a, b in (("frozen", "classical"), ("hybrid", "classical"), ("hybrid", "frozen")):
-        if headlines[a] and headlines[b]:
-            res = paired_comparison(y_test, predictions[headlines[a]["arm"]],
-                                    predictions[headlines[b]["arm"]])
-            comparisons.append({"a": headlines[a]["arm"], "b": headlines[b]["arm"],
-                                "family_a": a, "family_b": b, **res})
+        ha, hb = headlines[a], headlines[b]
+        if ha and hb:
+            res = paired_comparison(y_test, predictions[ha["arm"]], predictions[hb["arm"]])
+            comparisons.append({"a": ha["arm"], "b": hb["arm"], "family_a": a, "family_b": b,
+                                **res})
     # Per-image test predictions, so later runs (fine-tuning on a GPU) can be paired with these
     # arms by an exact McNemar test.
-    np.savez_compressed(work / "predictions.npz", y_test=y_test,
-                        **{a: p.astype(np.int16) for a, p in predictions.items()})
+    arrays: dict[str, Any] = {"y_test": y_test,
+                              **{a: p.astype(np.int16) for a, p in predictions.items()}}
+    np.savez_compressed(work / "predictions.npz", **arrays)
     return {
         "mode": "small" if (args.n_train or args.n_test) else "full",
         "protocol": "benchmarks/protocol.md (2026-12-07)",
@@ -233,6 +240,7 @@ def _arm(name: str, family: str, X: np.ndarray, T: np.ndarray, y: np.ndarray,
     log(f"{name}+{family}: searching on {len(fit)} fit rows, scoring {len(val)} validation rows")
     searches, search_times = [], []
     for _ in range(args.repeats):
+        LOADS.append(os.getloadavg()[0])
         t0 = time.perf_counter()
         searches.append(fm_heads.search(family, X[fit], y[fit], X[val], y[val], log=log, **kw))
         search_times.append(time.perf_counter() - t0)
@@ -241,6 +249,7 @@ def _arm(name: str, family: str, X: np.ndarray, T: np.ndarray, y: np.ndarray,
                       for s in searches)
     fits, fit_times, model = [], [], None
     for k in range(args.repeats):
+        LOADS.append(os.getloadavg()[0])
         m, rec = fm_heads.final_fit(family, chosen, X, y, **kw)
         fits.append(rec)
         fit_times.append(rec["seconds"])

@@ -100,7 +100,7 @@ def test_every_arm_reports_every_metric(run):
     with np.load(res.paths["predictions"]) as z:  # kept for McNemar against later runs
         assert set(z.files) == {"y_test", *arms} and len(z["y_test"]) == res.split["n_test"]
     md = Path(res.paths["markdown"]).read_text()
-    assert "| arm | val_accuracy | accuracy | accuracy_95ci | macro_f1 | n_train | n_val |" in md
+    assert "| arm | accuracy | macro_f1 | accuracy_95ci | val_accuracy | n_train | n_val |" in md
     assert "exact McNemar" in md
     assert Path(res.paths["png"]).read_bytes()[:4] == b"\x89PNG"
 

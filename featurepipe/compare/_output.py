@@ -12,7 +12,7 @@ import numpy as np
 
 from featurepipe.report import markdown_table, new_figure, save_figure
 
-TABLE_COLUMNS = ("arm", "val_accuracy", "accuracy", "accuracy_95ci", "macro_f1", "n_train",
+TABLE_COLUMNS = ("arm", "accuracy", "macro_f1", "accuracy_95ci", "val_accuracy", "n_train",
                  "n_val", "train_seconds", "fit_seconds", "predict_ms_per_image", "peak_mib",
                  "params")
 _FAMILY_STYLE = {"classical": ("tab:gray", "s"), "frozen": ("tab:blue", "o"),
