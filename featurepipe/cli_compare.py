@@ -16,7 +16,7 @@ from featurepipe.exceptions import ConfigError
 # Library defaults mirrored here so that building the parser (``featurepipe --help``) does not
 # import torch; tests/test_compare.py checks they match featurepipe.compare / featurepipe.finetune.
 DEFAULT_HEADS = ("logreg", "linear-svm", "svm-rbf", "knn")
-DEFAULT_CLASSICAL = ("pixels+logreg", "pixels+svm-rbf", "hog+linear-svm")
+DEFAULT_CLASSICAL = ("pixels+logreg", "pixels+svm-rbf", "hog+logreg", "hog+svm-rbf")
 FINETUNE_STRATEGIES = ("head", "full")
 STRATEGIES = ("head", "partial", "full", "gradual")
 AUGMENTS = ("basic", "trivial", "randaugment", "erasing")
@@ -105,7 +105,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
             print(f"\nwrote {curve.paths['markdown']}, {curve.paths['json']}, "
                   f"{curve.paths['png']}")
         return 0
-    res = compare(args.source, args.out, finetune=finetune, **common)
+    res = compare(args.source, args.out, finetune=finetune, val_size=args.val_size, **common)
     if args.json:
         _print_json(res.to_dict())
     else:
@@ -128,6 +128,9 @@ def _add_compare(sub: Any) -> None:
                    help="a fixed labelled test set; then SOURCE is all training data")
     p.add_argument("--test-size", type=_size, default=0.2,
                    help="held-out fraction (0.2) or count (500) when no --test-source")
+    p.add_argument("--val-size", type=_size, default=0.1,
+                   help="validation rows held out of the training split (fraction or count); "
+                        "their accuracy, not the test accuracy, picks the headline arms")
     p.add_argument("--seed", type=int, default=0, help="seed of the split and the searches")
     p.add_argument("--backbones", "--backbone", type=_csv, default=["efficientnet_lite0"],
                    help="comma-separated backbones for the frozen arms (the first one is "
@@ -151,8 +154,8 @@ def _add_compare(sub: Any) -> None:
     p.add_argument("--finetune-minutes", type=float, default=None,
                    help="stop fine-tuning after the epoch in which this many minutes passed")
     p.add_argument("--max-train", action="append", metavar="PATTERN=N",
-                   help="train arms matching PATTERN on a stratified subsample of N images, "
-                        "e.g. '*svm-rbf=10000' (repeatable)")
+                   help="train every arm on one stratified subsample of N images: '*=10000' "
+                        "(caps that differ between arms are refused)")
     p.add_argument("--samples-per-class", type=_ints, default=None,
                    help="learning curve: comma-separated labelled images per class")
     p.add_argument("--seeds", type=int, default=3, help="learning curve: seeds per size")

@@ -75,21 +75,33 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
 def test_every_arm_reports_every_metric(run):
     res = run["res"]
     arms = [r["arm"] for r in res.rows]
-    assert arms == ["pixels+logreg", "pixels+svm-rbf", "hog+linear-svm",
+    assert arms == ["pixels+logreg", "pixels+svm-rbf", "hog+logreg", "hog+svm-rbf",
                     f"{TINY['backbone']}+logreg", "finetune-head", "finetune-full"]
     for r in res.rows:
         assert 0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["macro_f1"] <= 1.0
+        low, high = r["accuracy_ci95"]
+        assert 0.0 <= low <= r["accuracy"] <= high <= 1.0
+        assert 0.0 <= r["val_accuracy"] <= 1.0 and r["n_val"] == res.split["n_val"] > 0
+        assert isinstance(r["converged"], bool)
         assert r["fit_seconds"] > 0 and r["train_seconds"] >= r["fit_seconds"]
         assert r["predict_ms_per_image"] > 0
         assert r["peak_mib"] >= 0 and r["memory_method"] in ("rss_hwm_delta", "tracemalloc_peak")
         assert r["n_test"] == res.split["n_test"]
     assert [e["backbone"] for e in res.embedding] == [TINY["backbone"]]  # reported once
     assert res.row("finetune-full")["epochs_run"] == 1
-    assert res.row("hog+linear-svm")["head_overrides"] == {"dual": True, "max_iter": 1000}
+    assert [(c["family_a"], c["family_b"]) for c in res.comparisons] == [
+        ("frozen", "classical"), ("finetune", "classical"), ("finetune", "frozen")]
+    for c in res.comparisons:
+        assert 0.0 < c["pvalue"] <= 1.0
+        assert c["a"] == res.best(c["family_a"])["arm"] and c["b"] == res.best(c["family_b"])["arm"]
     assert not (run["out"] / "compare.partial.json").exists()
     saved = json.loads(Path(res.paths["json"]).read_text())
     assert [r["arm"] for r in saved["rows"]] == arms
-    assert "| arm | accuracy | macro_f1 |" in Path(res.paths["markdown"]).read_text()
+    with np.load(res.paths["predictions"]) as z:  # kept for McNemar against later runs
+        assert set(z.files) == {"y_test", *arms} and len(z["y_test"]) == res.split["n_test"]
+    md = Path(res.paths["markdown"]).read_text()
+    assert "| arm | accuracy | macro_f1 | accuracy_95ci | val_accuracy | n_train | n_val |" in md
+    assert "exact McNemar" in md
     assert Path(res.paths["png"]).read_bytes()[:4] == b"\x89PNG"
 
 
@@ -101,28 +113,31 @@ def test_same_images_and_split_for_every_arm(run):
     assert "a/broken.jpg" not in split["train_ids"] + split["test_ids"]
     assert [s["id"] for s in res.skipped] == ["a/broken.jpg"]
     assert {r["test_ids_sha256"] for r in res.rows} == {ids_digest(split["test_ids"])}
-    full_train = [r for r in res.rows if r["max_train"] is None]
-    assert {r["train_ids_sha256"] for r in full_train} == {ids_digest(split["train_ids"])}
+    # every arm is fitted on the same rows: the training split minus the shared validation rows
+    assert sorted(split["fit_ids"] + split["val_ids"]) == sorted(split["train_ids"])
+    assert {r["train_ids_sha256"] for r in res.rows} == {ids_digest(split["fit_ids"])}
+    assert {r["n_train"] for r in res.rows} == {len(split["fit_ids"])}
 
 
 def test_hyperparameter_search_only_sees_training_rows(run):
     out, seen = run["out"], run["seen"]
     split = json.loads((out / "split.json").read_text())
     test_ids = set(split["test_ids"])
+    val_ids = set(split["val_ids"])
     for _arm, ids in seen["on_fit"]:
-        assert not set(ids) & test_ids
+        assert not set(ids) & test_ids and not set(ids) & val_ids
     fs = FeatureStore(out / "features.h5").load()
     row = {id_: k for k, id_ in enumerate(fs.ids)}
-    train_feats = fs.features[[row[i] for i in split["train_ids"]]]
+    train_feats = fs.features[[row[i] for i in split["fit_ids"]]]
     test_feats = fs.features[[row[i] for i in split["test_ids"]]]
     frozen = [X for X in seen["head_X"] if X.shape[1] == fs.features.shape[1]]
     assert len(frozen) == 1  # the frozen logreg head: fitted (and CV-searched) once, on ...
     np.testing.assert_array_equal(frozen[0], train_feats)  # ... exactly the training rows
     assert not any((np.abs(frozen[0] - t).sum(axis=1) == 0).any() for t in test_feats)
-    assert len(seen["head_X"]) == 4  # three classical arms + one frozen head
-    assert all(len(X) == len(split["train_ids"]) for X in seen["head_X"])
+    assert len(seen["head_X"]) == 5  # four classical arms + one frozen head
+    assert all(len(X) == len(split["fit_ids"]) for X in seen["head_X"])
     assert len(seen["finetune_ids"]) == 2
-    assert all(ids == split["train_ids"] for ids in seen["finetune_ids"])
+    assert all(ids == split["fit_ids"] for ids in seen["finetune_ids"])
 
 
 def test_learning_curve_shape_and_plot(run):
@@ -256,3 +271,82 @@ def test_each_arm_shows_progress(tmp_path: Path, capsys: pytest.CaptureFixture[s
     err = capsys.readouterr().err
     assert "compare arms" in err and "3/3" in err
     assert "epoch" in err.lower()  # the fine-tune arm's own bar
+
+
+# ------------------------------------------------------------------ the test set selects nothing
+
+
+def _write_split(root: Path, per_class: int, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    for k, name in enumerate(CLASSES):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            arr = rng.integers(0, 120, size=(20, 20, 3), dtype=np.uint8)
+            arr[..., k] += 120
+            Image.fromarray(arr).save(root / name / f"{i:02d}.png")
+    return root
+
+
+def test_corrupted_test_labels_change_no_choice_only_the_test_score(tmp_path):
+    """Permute the test labels: every selection (headline arms, hyperparameters, validation
+    scores) must stay the same, while the reported test accuracies move."""
+    from featurepipe.sources import open_source
+
+    train = _write_split(tmp_path / "train", 12, seed=1)
+    test_root = _write_split(tmp_path / "test", 8, seed=2)
+    honest = open_source(test_root)
+    names = [honest.class_names[c] for c in honest.labels]
+    # a derangement of the labels: every test image now carries a wrong class
+    wrong = [CLASSES[(CLASSES.index(n) + 1) % len(CLASSES)] for n in names]
+    corrupted = open_source(test_root, labels=wrong)
+    kwargs = {**FAST, "heads": ("logreg", "knn"), "classical": ("pixels+logreg", "hog+logreg"),
+              "finetune": None, "val_size": 6}
+    a = compare(train, tmp_path / "a", test_source=honest, **kwargs)
+    b = compare(train, tmp_path / "b", test_source=corrupted, **kwargs)
+
+    def choices(res):
+        return ([(r["arm"], r["params"], r["val_accuracy"], r["train_ids_sha256"])
+                 for r in res.rows],
+                {fam: res.best(fam)["arm"] for fam in ("classical", "frozen")},
+                [(c["a"], c["b"]) for c in res.comparisons])
+
+    assert choices(a) == choices(b)
+    assert [r["accuracy"] for r in a.rows] != [r["accuracy"] for r in b.rows]
+    assert max(r["accuracy"] for r in a.rows) > max(r["accuracy"] for r in b.rows)
+
+
+def test_best_is_chosen_by_validation_never_by_test_accuracy():
+    from featurepipe.compare import CompareResult
+
+    rows = [
+        {"arm": "x+logreg", "family": "frozen", "accuracy": 0.95, "val_accuracy": 0.80},
+        {"arm": "x+knn", "family": "frozen", "accuracy": 0.85, "val_accuracy": 0.90},
+        {"arm": "pixels+logreg", "family": "classical", "accuracy": 0.99, "val_accuracy": 0.70},
+        {"arm": "hog+logreg", "family": "classical", "accuracy": 0.60, "val_accuracy": 0.75},
+    ]
+    res = CompareResult(rows, [], {}, {}, Path("."))
+    assert res.best("frozen")["arm"] == "x+knn"
+    assert res.best("classical")["arm"] == "hog+logreg"
+    assert res.best()["arm"] == "x+knn"
+    with pytest.raises(KeyError, match="finetune"):
+        res.best("finetune")
+
+
+def test_every_arm_gets_the_same_training_cap(run, tmp_path):
+    with pytest.raises(ConfigError, match="same rows"):
+        compare(run["root"], tmp_path / "r", heads="logreg", classical="pixels+logreg",
+                finetune=None, test_size=0.3, max_train={"pixels*": 6}, **FAST)
+    res = compare(run["root"], tmp_path / "r", heads="logreg", classical="pixels+logreg",
+                  finetune=None, test_size=0.3, max_train=9, **FAST)
+    assert {r["n_train"] for r in res.rows} == {9}
+    assert len({r["train_ids_sha256"] for r in res.rows}) == 1
+
+
+def test_no_holdout_names_no_headline(run, tmp_path):
+    res = compare(run["root"], tmp_path / "r", heads="logreg", classical="pixels+logreg",
+                  finetune=None, test_size=0.3, val_size=0, **FAST)
+    assert {r["n_val"] for r in res.rows} == {0} and res.split["n_val"] == 0
+    assert all(r["val_accuracy"] is None for r in res.rows) and res.comparisons == []
+    assert {r["n_train"] for r in res.rows} == {res.split["n_train"]}
+    with pytest.raises(KeyError, match="validation accuracy"):
+        res.best("frozen")

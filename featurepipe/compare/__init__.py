@@ -1,7 +1,9 @@
 """Measure the transfer-learning claims: classical ML vs frozen features + heads vs fine-tuning.
 
-:func:`compare` runs every arm under one protocol (same images, same stratified split and seed,
-hyperparameters chosen on training data only, one test score) and writes a Markdown table, JSON
+:func:`compare` runs every arm under one protocol (benchmarks/protocol.md: same images, same
+stratified split and seed, every arm fitted on the same rows, hyperparameters chosen on training
+data only, headline arms chosen on a validation holdout of the training rows, one test score with
+a 95% interval, paired McNemar tests) and writes a Markdown table, JSON
 and a PNG of accuracy against training time. :func:`learning_curve` repeats it over labelled-set
 sizes and seeds.
 
@@ -26,6 +28,12 @@ from featurepipe.compare._data import ids_digest
 from featurepipe.compare._measure import Measure
 from featurepipe.compare._output import curve_markdown, format_params, plot_compare, plot_curve
 from featurepipe.compare._pixels import PixelSpec, pixel_features
+from featurepipe.compare._stats import (
+    accuracy_interval,
+    mcnemar_exact,
+    paired_comparison,
+    wilson_interval,
+)
 
 __all__ = [
     "CLASSICAL_ARMS",
@@ -39,12 +47,16 @@ __all__ = [
     "Measure",
     "PixelSpec",
     "TimeLimit",
+    "accuracy_interval",
     "compare",
     "curve_markdown",
     "format_params",
     "ids_digest",
     "learning_curve",
+    "mcnemar_exact",
+    "paired_comparison",
     "pixel_features",
     "plot_compare",
     "plot_curve",
+    "wilson_interval",
 ]

@@ -9,22 +9,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from featurepipe.compare._arms import (
-    CLASSICAL_ARMS,
     FINETUNE_STRATEGIES,
     ArmContext,
     ArmSpec,
     build_arms,
+    max_train_for,
     run_arm,
 )
 from featurepipe.compare._data import HOG, PIXELS, Part
 from featurepipe.compare._output import compare_markdown, plot_compare, write_json
 from featurepipe.compare._pixels import PixelSpec
 from featurepipe.compare._prepare import Prepared, prepare
+from featurepipe.compare._protocol import (
+    check_same_caps,
+    headline,
+    headline_comparisons,
+    headline_markdown,
+    validation_split,
+)
 from featurepipe.exceptions import ConfigError
 
 DEFAULT_HEADS = ("logreg", "linear-svm", "svm-rbf", "knn")
-DEFAULT_CLASSICAL = tuple(CLASSICAL_ARMS)
+#: Raw pixels and HOG, each with the linear and the kernel head family the frozen arms also get.
+DEFAULT_CLASSICAL = ("pixels+logreg", "pixels+svm-rbf", "hog+logreg", "hog+svm-rbf")
 
 
 @dataclass
@@ -34,9 +44,13 @@ class CompareResult:
     Attributes
     ----------
     rows : list of dict
-        One per arm: ``arm, family, accuracy, macro_f1, n_train, n_test, fit_seconds,
-        train_seconds, predict_ms_per_image, peak_mib, memory_method, params, warnings,
-        train_ids_sha256, test_ids_sha256`` (+ fine-tuning details).
+        One per arm: ``arm, family, accuracy, accuracy_ci95, val_accuracy, macro_f1, n_train,
+        n_val, n_test, converged, fit_seconds, extraction_seconds, train_seconds,
+        predict_ms_per_image, peak_mib, memory_method, params, warnings, train_ids_sha256,
+        test_ids_sha256`` (+ fine-tuning details).
+    comparisons : list of dict
+        The headline arm of each family (best validation accuracy) against the others on the
+        same test images: accuracies, difference, exact McNemar ``pvalue``.
     embedding : list of dict
         Embedding cost per backbone and source role, reported once (shared by its frozen arms).
     split : dict
@@ -45,7 +59,8 @@ class CompareResult:
         The arguments that shaped the run.
     out_dir : Path
     paths : dict
-        ``json``, ``markdown``, ``png``, ``split`` file paths.
+        ``json``, ``markdown``, ``png``, ``split``, ``predictions`` file paths
+        (``predictions.npz``: ``y_test`` and each arm's test predictions, in test order).
     table : str
         The Markdown report.
     """
@@ -59,6 +74,7 @@ class CompareResult:
     table: str = ""
     skipped: list[dict[str, str]] = field(default_factory=list)
     seconds: float = 0.0
+    comparisons: list[dict[str, Any]] = field(default_factory=list)
 
     def row(self, arm: str) -> dict[str, Any]:
         """The row of ``arm`` (KeyError naming the arms there are)."""
@@ -68,17 +84,19 @@ class CompareResult:
         raise KeyError(f"no arm {arm!r}; arms: {[r['arm'] for r in self.rows]}")
 
     def best(self, family: str | None = None) -> dict[str, Any]:
-        """The most accurate row (of one ``family``: classical, frozen or finetune)."""
-        rows = [r for r in self.rows if family is None or r["family"] == family]
-        if not rows:
-            raise KeyError(f"no arms of family {family!r}")
-        return max(rows, key=lambda r: r["accuracy"])
+        """The headline row (of one ``family``: classical, frozen or finetune).
+
+        The row with the best *validation* accuracy (the holdout of the training rows every arm
+        shares); the test accuracy never chooses it.
+        """
+        return dict(headline(self.rows, family))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (what ``compare.json`` holds)."""
-        return {"rows": self.rows, "embedding": self.embedding, "split": self.split,
-                "skipped": self.skipped, "settings": self.settings, "seconds": self.seconds,
-                "out_dir": str(self.out_dir), "paths": dict(self.paths)}
+        return {"rows": self.rows, "comparisons": self.comparisons, "embedding": self.embedding,
+                "split": self.split, "skipped": self.skipped, "settings": self.settings,
+                "seconds": self.seconds, "out_dir": str(self.out_dir),
+                "paths": dict(self.paths)}
 
 
 def _tuple(value: str | Sequence[str] | None) -> tuple[str, ...]:
@@ -96,6 +114,7 @@ def compare(
     labels: Sequence[Any] | None = None,
     test_source: Any | None = None,
     test_size: float | int = 0.2,
+    val_size: float | int | None = 0.1,
     seed: int = 0,
     backbones: str | Sequence[str] = ("efficientnet_lite0",),
     weights: str | None = None,
@@ -106,7 +125,7 @@ def compare(
     finetune: str | Sequence[str] | None = FINETUNE_STRATEGIES,
     finetune_epochs: int = 5,
     finetune_params: Mapping[str, Any] | None = None,
-    max_train: Mapping[str, int] | None = None,
+    max_train: int | Mapping[str, int] | None = None,
     pixel_size: int = 32,
     pixel_mode: str = "auto",
     hog_size: int = 64,
@@ -123,10 +142,15 @@ def compare(
 ) -> CompareResult:
     """Compare classical ML, frozen pretrained features + heads, and fine-tuning, fairly.
 
-    One protocol for every arm: the same images (unreadable ones dropped for all), the same
-    stratified split and seed, hyperparameters chosen by cross-validation on the training rows
-    only (fine-tuning: early stopping on a validation split of the training rows), one score on
-    the test rows. Features are cached in ``out_dir/features.h5``: a rerun embeds nothing.
+    One protocol for every arm (benchmarks/protocol.md): the same images (unreadable ones
+    dropped for all), the same stratified split and seed, every arm fitted on the same training
+    rows with the same cross-validation budget, hyperparameters chosen by cross-validation on
+    those rows only (fine-tuning: early stopping on a split of them). A stratified validation
+    holdout of the training split, shared by every arm and never fitted on, scores each arm;
+    that score picks the headline arm of each family (:meth:`CompareResult.best`). The test
+    rows are scored once per arm: accuracy with a 95% Wilson interval, and the headline arms
+    compared pairwise by an exact McNemar test. Features are cached in
+    ``out_dir/features.h5``: a rerun embeds nothing.
 
     Parameters
     ----------
@@ -141,6 +165,12 @@ def compare(
         data and ``test_size`` is not used.
     test_size : float or int, default=0.2
         Fraction (or count) of ``source`` held out for testing, stratified.
+    val_size : float, int or None, default=0.1
+        Fraction (or count, at least one image per class) of the training split held out as the
+        validation rows that select headline arms; arms are fitted on the rest. ``0`` or
+        ``None``: no holdout, every arm fits on the whole training split, and no headline arm
+        is named (:meth:`CompareResult.best` raises ``KeyError``; fine-tuning still early-stops
+        on its own split).
     seed : int, default=0
         Split, CV folds, subsamples and fine-tuning share it.
     backbones : str or sequence of str
@@ -156,8 +186,8 @@ def compare(
         Head presets (:data:`featurepipe.heads.HEAD_PRESETS`) trained on each backbone's features
         (``None`` or ``()``: no frozen arms).
     classical : str, sequence of str or None
-        From-scratch arms: ``pixels+logreg``, ``pixels+svm-rbf``, ``hog+linear-svm`` (``None``
-        or ``()``: none).
+        From-scratch arms (:data:`~featurepipe.compare.CLASSICAL_ARMS`): raw pixels or HOG with
+        a head preset, e.g. ``pixels+logreg``, ``hog+svm-rbf`` (``None`` or ``()``: none).
     finetune : str, sequence of str or None, default=("head", "full")
         Fine-tuning strategies of the first backbone; ``None`` or ``()`` disables fine-tuning.
     finetune_epochs : int, default=5
@@ -165,10 +195,11 @@ def compare(
         More :class:`~featurepipe.finetune.FineTuneClassifier` parameters (``lr``,
         ``batch_size``, ``image_size``, ``val_size``, ...), plus ``max_minutes``: stop after the
         epoch in which that many minutes of training have passed.
-    max_train : mapping of str to int, optional
-        Train some arms on a stratified subsample of the training split: ``{pattern: n}`` with
-        fnmatch patterns over arm names, e.g. ``{"*svm-rbf": 10000}`` (kernel SVMs are
-        quadratic in the number of samples). The cap is recorded in each row.
+    max_train : int or mapping of str to int, optional
+        Train every arm on one stratified subsample of ``n`` fit rows (kernel SVMs are quadratic
+        in the number of samples). A mapping ``{fnmatch pattern: n}`` is accepted when it gives
+        every arm the same cap (e.g. ``{"*": 10000}``); caps that differ between arms are
+        refused, since arms trained on different rows are not comparable. Recorded in each row.
     pixel_size, pixel_mode, hog_size, hog_cell
         Raw-pixel and HOG features (see :class:`~featurepipe.compare.PixelSpec`).
     cv : int, default=5
@@ -204,24 +235,36 @@ def compare(
     arms = build_arms(classical_list, bbs, head_list, strategies, bbs[0])
     if not arms:
         raise ConfigError("no arms to compare: give heads, classical arms or finetune strategies")
+    caps = same_caps(arms, max_train)
     settings = _settings(locals())
     prep = _prepare(source, out, labels, test_source, test_size, seed, bbs, weights, image_size,
                     layer, batch_size, workers, device, precision, progress, arms, settings, say)
-    ctx = ArmContext(seed=seed, cv=cv, n_jobs=n_jobs, max_train=max_train,
+    fit_rows, val_rows = (validation_split(prep.train, val_size, seed) if val_size
+                          else (prep.train, None))
+    prep.split.update({"n_fit": len(fit_rows), "n_val": 0 if val_rows is None else len(val_rows),
+                       "val_size": val_size, "fit_ids_sha256": fit_rows.digest(),
+                       "val_ids_sha256": val_rows.digest() if val_rows is not None else None})
+    predictions: dict[str, Any] = {}
+    ctx = ArmContext(seed=seed, cv=cv, n_jobs=n_jobs, max_train=caps,
                      finetune_params=_finetune_params(finetune_epochs, finetune_params, weights,
                                                       image_size, device, precision),
                      feature_seconds_per_image=prep.seconds_per_image, log=say, on_fit=on_fit,
-                     progress=progress)
+                     progress=progress, predictions=predictions)
     rows = []
     partial = out / "compare.partial.json"  # finished arms survive a killed long run
     bar = arm_bar(len(arms), progress)
     for arm in arms:
         bar.set_postfix_str(arm.name)
-        rows.append(run_arm(arm, prep.train, prep.test, ctx))
+        rows.append(run_arm(arm, fit_rows, prep.test, ctx, val=val_rows))
         write_json({"rows": rows, "split": prep.split}, partial)
         bar.update()
     bar.close()
-    result = _write(rows, prep, settings, out, time.perf_counter() - start)
+    comparisons = headline_comparisons(rows, predictions, prep.test.labels)
+    # Per-image test predictions: a later run (another machine, a GPU) can be paired with these.
+    arrays: dict[str, Any] = {"y_test": prep.test.labels, **predictions}
+    np.savez_compressed(out / "predictions.npz", **arrays)
+    result = _write(rows, prep, settings, out, time.perf_counter() - start, comparisons,
+                    (fit_rows.ids, val_rows.ids if val_rows is not None else []))
     partial.unlink(missing_ok=True)
     return result
 
@@ -233,16 +276,32 @@ def arm_bar(total: int, progress: bool) -> Any:
     return tqdm(total=total, desc="compare arms", unit="arm", disable=not progress)
 
 
+def same_caps(arms: Sequence[ArmSpec], max_train: int | Mapping[str, int] | None
+              ) -> dict[str, int]:
+    """``max_train`` as a pattern mapping that gives every arm the same cap (or none)."""
+    if max_train is None:
+        return {}
+    if isinstance(max_train, int):
+        if isinstance(max_train, bool) or max_train < 1:
+            raise ConfigError(f"max_train must be an integer >= 1; got {max_train!r}")
+        return {"*": max_train}
+    caps = dict(max_train)
+    names = [a.name for a in arms]
+    cap = check_same_caps(names, {n: max_train_for(n, caps) for n in names})
+    return {} if cap is None else {"*": cap}
+
+
 def _settings(args: dict[str, Any]) -> dict[str, Any]:
-    keep = ("test_size", "seed", "backbones", "weights", "image_size", "layer", "heads",
+    keep = ("test_size", "val_size", "seed", "backbones", "weights", "image_size", "layer", "heads",
             "classical", "finetune", "finetune_epochs", "finetune_params", "max_train",
             "pixel_size", "pixel_mode", "hog_size", "hog_cell", "cv", "n_jobs", "batch_size",
             "workers", "device", "precision")
-    out = {k: args[k] for k in keep}
+    out = {k: args.get(k) for k in keep}  # learning curves have no val_size
     for k in ("backbones", "heads", "classical", "finetune"):
         out[k] = list(_tuple(out[k]))
     out["finetune_params"] = dict(out["finetune_params"] or {})
-    out["max_train"] = dict(out["max_train"] or {})
+    out["max_train"] = (out["max_train"] if isinstance(out["max_train"], int)
+                        else dict(out["max_train"] or {}))
     out["test_source"] = args["test_source"] is not None
     return out
 
@@ -280,15 +339,21 @@ def _finetune_params(epochs: int, extra: Mapping[str, Any] | None, weights: str 
 
 
 def _write(rows: list[dict[str, Any]], prep: Prepared, settings: dict[str, Any], out: Path,
-           seconds: float) -> CompareResult:
+           seconds: float, comparisons: list[dict[str, Any]] | None = None,
+           fit_val_ids: tuple[list[str], list[str]] = ([], [])) -> CompareResult:
     split = {**prep.split, "classes": prep.classes, "pixel_mode": prep.pixel_mode}
-    write_json({"train_ids": prep.train.ids, "test_ids": prep.test.ids, **split},
+    write_json({"train_ids": prep.train.ids, "fit_ids": fit_val_ids[0],
+                "val_ids": fit_val_ids[1], "test_ids": prep.test.ids, **split},
                out / "split.json")
     table = compare_markdown(rows, prep.embedding, split)
+    if comparisons:
+        table += "\n" + headline_markdown(comparisons)
     result = CompareResult(rows, prep.embedding, split, settings, out, table=table,
-                           skipped=prep.skipped, seconds=seconds)
+                           skipped=prep.skipped, seconds=seconds,
+                           comparisons=list(comparisons or []))
     result.paths = {"json": str(out / "compare.json"), "markdown": str(out / "compare.md"),
-                    "png": str(out / "compare.png"), "split": str(out / "split.json")}
+                    "png": str(out / "compare.png"), "split": str(out / "split.json"),
+                    "predictions": str(out / "predictions.npz")}
     plot_compare(rows, result.paths["png"])
     (out / "compare.md").write_text("# Comparison\n\n" + table, encoding="utf-8")
     write_json(result.to_dict(), result.paths["json"])

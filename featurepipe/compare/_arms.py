@@ -1,9 +1,10 @@
 """The arms of a comparison and how each is trained and scored under the shared protocol.
 
-An arm gets a training :class:`~featurepipe.compare._data.Part` and a test ``Part``. Hyperparameters
-are chosen by the head's cross-validation *inside* ``fit_head`` on the training rows only (or, for
-fine-tuning, on a validation split carved out of the training rows); the test rows are touched
-once, for the final score.
+An arm gets a training :class:`~featurepipe.compare._data.Part`, a validation ``Part`` (training
+rows it is not fitted on, shared by every arm) and a test ``Part``. Hyperparameters are chosen by
+the head's cross-validation *inside* ``fit_head`` on the training rows only (or, for fine-tuning,
+by early stopping on a split of the training rows); the validation score selects headline arms;
+the test rows are touched once, for the reported score.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ CLASSICAL_ARMS: dict[str, tuple[str, str, tuple[tuple[str, Any], ...]]] = {
     "pixels+logreg": (PIXELS, "logreg", ()),
     "pixels+svm-rbf": (PIXELS, "svm-rbf", ()),
     "hog+linear-svm": (HOG, "linear-svm", (("dual", True), ("max_iter", 1000))),
+    # The same head families as the frozen arms get, so no feature set lacks a head another has.
+    "hog+logreg": (HOG, "logreg", ()),
+    "hog+svm-rbf": (HOG, "svm-rbf", ()),
 }
 FINETUNE_STRATEGIES = ("head", "full")
 #: Feature matrices smaller than this (rows x columns) are fitted with one BLAS thread. On tiny
@@ -107,11 +111,21 @@ class ArmContext:
     progress: bool = False
     #: Called with (arm name, training Part) before fitting; tests use it to check the protocol.
     on_fit: Callable[[str, Part], None] | None = None
+    #: When given, each arm's test predictions are stored here under its name (paired tests).
+    predictions: dict[str, np.ndarray] | None = None
 
 
-def run_arm(arm: ArmSpec, train: Part, test: Part, ctx: ArmContext) -> dict[str, Any]:
-    """Train ``arm`` on ``train`` (subsampled if capped), score it on ``test``; one report row."""
+def run_arm(arm: ArmSpec, train: Part, test: Part, ctx: ArmContext,
+            val: Part | None = None) -> dict[str, Any]:
+    """Train ``arm`` on ``train`` (subsampled if capped), score it on ``val`` and ``test``.
+
+    ``val`` (rows of the training split the arm was not fitted on) gives ``val_accuracy``, the
+    score that selects headline arms; the test rows only give the reported test scores.
+    """
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.metrics import accuracy_score, f1_score
+
+    from featurepipe.compare._stats import accuracy_interval
 
     cap = max_train_for(arm.name, ctx.max_train)
     if cap is not None and cap < len(train):
@@ -122,9 +136,14 @@ def run_arm(arm: ArmSpec, train: Part, test: Part, ctx: ArmContext) -> dict[str,
     with warnings.catch_warnings(record=True) as caught, Measure() as m:
         warnings.simplefilter("always")
         if arm.family == "finetune":
-            fit_s, predict_s, pred, params, extra = _finetune(arm, train, test, ctx)
+            fit_s, predict_s, preds, params, extra = _finetune(arm, train, test, ctx, val)
         else:
-            fit_s, predict_s, pred, params, extra = _head(arm, train, test, ctx)
+            fit_s, predict_s, preds, params, extra = _head(arm, train, test, ctx, val)
+    pred, val_pred = preds
+    if ctx.predictions is not None:
+        ctx.predictions[arm.name] = np.asarray(pred)
+    converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+    test_ci = accuracy_interval(test.labels, pred)
     messages = list(dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in caught
                                   if not issubclass(w.category, DeprecationWarning)))
     per_image = ctx.feature_seconds_per_image.get(arm.features) or 0.0
@@ -132,9 +151,13 @@ def run_arm(arm: ArmSpec, train: Part, test: Part, ctx: ArmContext) -> dict[str,
         "arm": arm.name, "family": arm.family, "features": arm.features,
         "head": arm.head, "strategy": arm.strategy, "backbone": arm.backbone,
         "accuracy": float(accuracy_score(test.labels, pred)),
+        "accuracy_ci95": [test_ci["ci_low"], test_ci["ci_high"]],
+        "val_accuracy": (None if val is None or val_pred is None
+                         else float(accuracy_score(val.labels, val_pred))),
         "macro_f1": float(f1_score(test.labels, pred, average="macro")),
-        "n_train": len(train), "n_test": len(test), "max_train": cap,
-        "fit_seconds": fit_s,
+        "n_train": len(train), "n_val": 0 if val is None else len(val), "n_test": len(test),
+        "max_train": cap, "converged": converged,
+        "fit_seconds": fit_s, "extraction_seconds": per_image * len(train),
         # What training really cost from raw images: the fit plus making the training features.
         "train_seconds": fit_s + per_image * len(train),
         "predict_ms_per_image": 1000.0 * (predict_s / max(len(test), 1) + per_image),
@@ -145,8 +168,11 @@ def run_arm(arm: ArmSpec, train: Part, test: Part, ctx: ArmContext) -> dict[str,
     }
 
 
-def _head(arm: ArmSpec, train: Part, test: Part, ctx: ArmContext
-          ) -> tuple[float, float, np.ndarray, dict[str, Any], dict[str, Any]]:
+Preds = tuple[np.ndarray, np.ndarray | None]
+
+
+def _head(arm: ArmSpec, train: Part, test: Part, ctx: ArmContext, val: Part | None
+          ) -> tuple[float, float, Preds, dict[str, Any], dict[str, Any]]:
     from featurepipe.heads import fit_head, make_head
 
     head = _override(make_head(arm.head or "logreg", cv=ctx.cv, random_state=ctx.seed,
@@ -158,7 +184,9 @@ def _head(arm: ArmSpec, train: Part, test: Part, ctx: ArmContext
     del X_train
     t0 = time.perf_counter()
     pred = fitted.predict(_as_float(test.features[arm.features]))
-    return info["fit_seconds"], time.perf_counter() - t0, pred, info["params"], {}
+    predict_s = time.perf_counter() - t0
+    val_pred = None if val is None else fitted.predict(_as_float(val.features[arm.features]))
+    return info["fit_seconds"], predict_s, (pred, val_pred), info["params"], {}
 
 
 def _override(head: Any, params: dict[str, Any]) -> Any:
@@ -198,8 +226,8 @@ class TimeLimit(Callback):
 
 
 
-def _finetune(arm: ArmSpec, train: Part, test: Part, ctx: ArmContext
-              ) -> tuple[float, float, np.ndarray, dict[str, Any], dict[str, Any]]:
+def _finetune(arm: ArmSpec, train: Part, test: Part, ctx: ArmContext, val: Part | None
+              ) -> tuple[float, float, Preds, dict[str, Any], dict[str, Any]]:
     from featurepipe.finetune import FineTuneClassifier
 
     params = dict(ctx.finetune_params)
@@ -216,6 +244,9 @@ def _finetune(arm: ArmSpec, train: Part, test: Part, ctx: ArmContext
     t0 = time.perf_counter()
     pred = est.predict(test.images())
     predict_s = time.perf_counter() - t0
+    # Its early stopping used a split of its own training rows; the shared holdout is scored
+    # like every other arm's, so validation accuracies are comparable across arms.
+    val_pred = None if val is None else est.predict(val.images())
     best = est.history_[est.best_epoch_ - 1] if est.history_ else {}
     shown = {k: v for k, v in est.get_params().items()
              if k in ("epochs", "lr", "batch_size", "image_size", "val_size", "weights",
@@ -223,8 +254,8 @@ def _finetune(arm: ArmSpec, train: Part, test: Part, ctx: ArmContext
                       "warmup_epochs")}
     extra = {
         "epochs_run": len(est.history_), "best_epoch": est.best_epoch_,
-        "best_val_acc": best.get("val_acc"), "n_val": est.n_val_,
+        "best_val_acc": best.get("val_acc"), "n_val_early_stopping": est.n_val_,
         "time_limit_minutes": minutes, "stopped_by_time_limit": bool(limit and limit.stopped_at),
         "device": est.device_, "precision": est.precision_,
     }
-    return fit_s, predict_s, pred, shown, extra
+    return fit_s, predict_s, (pred, val_pred), shown, extra

@@ -16,13 +16,21 @@ from typing import Any
 
 import numpy as np
 
-from featurepipe.compare._api import _finetune_params, _prepare, _settings, _tuple, arm_bar
+from featurepipe.compare._api import (
+    _finetune_params,
+    _prepare,
+    _settings,
+    _tuple,
+    arm_bar,
+    same_caps,
+)
 from featurepipe.compare._arms import ArmContext, build_arms, run_arm
 from featurepipe.compare._data import Part, per_class_subsample
 from featurepipe.compare._output import curve_markdown, plot_curve, write_json
 from featurepipe.exceptions import ConfigError
 
-CURVE_CLASSICAL = ("pixels+logreg", "hog+linear-svm")
+#: The same head family as :data:`CURVE_HEADS`, on each classical feature set.
+CURVE_CLASSICAL = ("pixels+logreg", "hog+logreg")
 CURVE_HEADS = ("logreg",)
 
 
@@ -96,7 +104,7 @@ def learning_curve(
     finetune: str | Sequence[str] | None = None,
     finetune_epochs: int = 5,
     finetune_params: Mapping[str, Any] | None = None,
-    max_train: Mapping[str, int] | None = None,
+    max_train: int | Mapping[str, int] | None = None,
     pixel_size: int = 32,
     pixel_mode: str = "auto",
     hog_size: int = 64,
@@ -148,6 +156,7 @@ def learning_curve(
     arms = build_arms(_tuple(classical), bbs, _tuple(heads), _tuple(finetune), bbs[0])
     if not arms:
         raise ConfigError("no arms: give heads, classical arms or finetune strategies")
+    caps = same_caps(arms, max_train)
     settings = {**_settings(locals()), "samples_per_class": sizes, "seeds": seeds}
     prep = _prepare(source, out, labels, test_source, test_size, seed, bbs, weights, image_size,
                     layer, batch_size, workers, device, precision, progress, arms, settings, say)
@@ -161,7 +170,7 @@ def learning_curve(
     for s, n in enumerate(sizes):
         for k, sd in enumerate(seed_list):
             train = prep.train.take(per_class_subsample(prep.train.labels, n, sd))
-            ctx = ArmContext(seed=sd, cv=cv, n_jobs=n_jobs, max_train=max_train,
+            ctx = ArmContext(seed=sd, cv=cv, n_jobs=n_jobs, max_train=caps,
                              finetune_params=_finetune_params(finetune_epochs, finetune_params,
                                                               weights, image_size, device,
                                                               precision),

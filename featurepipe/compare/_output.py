@@ -13,8 +13,9 @@ import numpy as np
 from featurepipe.atomic import atomic_write_text
 from featurepipe.report import markdown_table, new_figure, save_figure
 
-TABLE_COLUMNS = ("arm", "accuracy", "macro_f1", "n_train", "train_seconds", "fit_seconds",
-                 "predict_ms_per_image", "peak_mib", "params")
+TABLE_COLUMNS = ("arm", "accuracy", "macro_f1", "accuracy_95ci", "val_accuracy", "n_train",
+                 "n_val", "train_seconds", "fit_seconds", "predict_ms_per_image", "peak_mib",
+                 "params")
 _FAMILY_STYLE = {"classical": ("tab:gray", "s"), "frozen": ("tab:blue", "o"),
                  "finetune": ("tab:red", "^")}
 
@@ -47,7 +48,10 @@ def format_params(params: Mapping[str, Any] | None) -> str:
 def compare_markdown(rows: Sequence[Mapping[str, Any]], embedding: Sequence[Mapping[str, Any]],
                      split: Mapping[str, Any]) -> str:
     """The comparison table plus the shared embedding cost and what the columns mean."""
-    shown = [{**r, "params": format_params(r.get("params"))} for r in rows]
+    shown = [{**r, "params": format_params(r.get("params")),
+              "accuracy_95ci": _interval(r.get("accuracy_ci95")),
+              "arm": r["arm"] + ("" if r.get("converged", True) else " (not converged)")}
+             for r in rows]
     lines = [markdown_table(shown, TABLE_COLUMNS), ""]
     for e in embedding:
         ips = e.get("computed_images_per_second")
@@ -56,16 +60,24 @@ def compare_markdown(rows: Sequence[Mapping[str, Any]], embedding: Sequence[Mapp
         lines.append(f"- embedding {e['backbone']} ({e['role']}): {e['n_rows']} images, {how} "
                      f"in {e['seconds']:.1f} s ({cost}; {e['device']}, {e['precision']}); "
                      f"{e['n_skipped']} skipped")
+    held = (f" ({split['n_val']} of them held out as validation rows, shared by every arm and "
+            "never fitted on; their accuracy, val_accuracy, picks the headline arms)"
+            if split.get("n_val") else "")
     lines += [
-        f"- split: {split['n_train']} train / {split['n_test']} test images, "
+        f"- split: {split['n_train']} train{held} / {split['n_test']} test images, "
         f"{split['how']}, seed {split['seed']}; {split['n_skipped']} unreadable images "
         "dropped for every arm",
+        "- accuracy_95ci: Wilson score interval of the test accuracy",
         "- train_seconds = fit_seconds (hyperparameter search included) + the cost of making "
         "the training images' features (embedding or pixel/HOG extraction, per image); "
         "predict_ms_per_image includes making the test image's features",
         "- peak_mib: " + _memory_note(rows),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _interval(ci: Sequence[float] | None) -> str:
+    return f"{ci[0]:.4f}-{ci[1]:.4f}" if ci else ""
 
 
 def _memory_note(rows: Sequence[Mapping[str, Any]]) -> str:

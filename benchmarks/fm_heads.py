@@ -1,0 +1,150 @@
+"""The two head families of benchmarks/protocol.md and their holdout search, for any features.
+
+Every feature set (raw pixels, HOG, frozen layers) gets exactly these heads and grids:
+
+- linear: ``StandardScaler`` + multinomial L2 ``LogisticRegression`` (lbfgs), ``C`` grid;
+- kernel: ``StandardScaler`` + RBF kernel (``gamma = g / n_features``) approximated by
+  ``Nystroem`` with a fixed number of components, + the same logistic regression; or exact
+  ``SVC`` on small sets.
+
+:func:`kernel_head` is the one place that builds the scalable kernel head, so it can be swapped
+for ``featurepipe.heads``' kernel preset when that exists, without touching the search.
+
+The search fits each grid point on the fit rows and scores the validation rows; the grid's
+feature map (scaler, Nystroem) is fitted once per ``g`` and shared by its ``C`` values, and the
+logistic regression is warm-started along increasing ``C``. A point whose solver did not converge
+is marked, and the chosen point must have converged (else the result is a failure).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from sklearn.base import clone
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.kernel_approximation import Nystroem
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.svm import SVC
+
+__all__ = ["KERNEL_CS", "KERNEL_G", "LINEAR_CS", "MAX_ITER", "N_COMPONENTS", "Search",
+           "final_fit", "kernel_head", "linear_head", "search"]
+
+LINEAR_CS: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
+KERNEL_G: tuple[float, ...] = (0.3, 1.0, 3.0)
+KERNEL_CS: tuple[float, ...] = (0.1, 1.0, 10.0, 100.0)
+N_COMPONENTS = 4000
+MAX_ITER = 5000
+
+
+def _logreg(C: float, seed: int) -> LogisticRegression:
+    return LogisticRegression(C=C, solver="lbfgs", max_iter=MAX_ITER, tol=1e-4,
+                              random_state=seed)
+
+
+def linear_head(C: float, seed: int = 0) -> Pipeline:
+    """Standardised multinomial L2 logistic regression."""
+    return Pipeline([("scale", StandardScaler()), ("clf", _logreg(C, seed))])
+
+
+def kernel_head(g: float, C: float, n_features: int, *, n_rows: int,
+                n_components: int = N_COMPONENTS, exact: bool = False,
+                seed: int = 0) -> Pipeline:
+    """Standardised RBF kernel head, ``gamma = g / n_features``.
+
+    ``exact``: ``SVC`` (quadratic in ``n_rows``: small sets only); otherwise ``Nystroem`` with
+    ``min(n_components, n_rows)`` components + logistic regression.
+    """
+    gamma = g / n_features
+    if exact:
+        return Pipeline([("scale", StandardScaler()),
+                         ("clf", SVC(kernel="rbf", C=C, gamma=gamma, random_state=seed))])
+    ny = Nystroem(kernel="rbf", gamma=gamma, n_components=min(n_components, n_rows),
+                  random_state=seed)
+    return Pipeline([("scale", StandardScaler()), ("map", ny), ("clf", _logreg(C, seed))])
+
+
+@dataclass
+class Search:
+    """What a holdout search tried and chose."""
+
+    family: str
+    points: list[dict[str, Any]] = field(default_factory=list)
+    chosen: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"family": self.family, "points": self.points, "chosen": self.chosen,
+                "seconds": self.seconds}
+
+
+def _fit_quiet(est: Any, X: np.ndarray, y: np.ndarray) -> tuple[Any, list[str], bool]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        est.fit(X, y)
+    msgs = list(dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in caught
+                              if not issubclass(w.category, DeprecationWarning)))
+    converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+    return est, msgs, converged
+
+
+def search(family: str, X_fit: np.ndarray, y_fit: np.ndarray, X_val: np.ndarray,
+           y_val: np.ndarray, *, exact: bool = False, n_components: int = N_COMPONENTS,
+           seed: int = 0, log: Any = None) -> Search:
+    """Fit every grid point of ``family`` ("linear" or "kernel") on the fit rows, score the
+    validation rows, choose the best validation accuracy (ties: smaller C, then smaller g)."""
+    res = Search(family)
+    t_all = time.perf_counter()
+    gs: Sequence[float | None] = (None,) if family == "linear" else KERNEL_G
+    cs = LINEAR_CS if family == "linear" else KERNEL_CS
+    d = X_fit.shape[1]
+    for g in gs:
+        if family == "linear":
+            pipe = linear_head(cs[0], seed)
+        else:
+            pipe = kernel_head(float(g or 1.0), cs[0], d, n_rows=len(X_fit), exact=exact,
+                               n_components=n_components, seed=seed)
+        t0 = time.perf_counter()
+        feat = clone(pipe[:-1]).fit(X_fit)  # scaler (+ Nystroem), shared by this g's C values
+        F_fit, F_val = feat.transform(X_fit), feat.transform(X_val)
+        map_seconds = time.perf_counter() - t0
+        clf = clone(pipe[-1])
+        if isinstance(clf, LogisticRegression):
+            clf.set_params(warm_start=True)  # each C starts from the previous C's solution
+        for C in cs:
+            t0 = time.perf_counter()
+            clf.set_params(C=C)
+            clf, msgs, ok = _fit_quiet(clf, F_fit, y_fit)
+            acc = float((clf.predict(F_val) == y_val).mean())
+            point = {"g": g, "C": C, "val_accuracy": acc, "converged": ok, "warnings": msgs,
+                     "fit_seconds": time.perf_counter() - t0, "map_seconds": map_seconds,
+                     "n_iter": int(np.max(getattr(clf, "n_iter_", [0])))}
+            res.points.append(point)
+            if log:
+                log(f"  {family} g={g} C={C:g}: val {acc:.4f}"
+                    f"{'' if ok else ' (not converged)'} in {point['fit_seconds']:.1f} s")
+    best = max(p["val_accuracy"] for p in res.points)
+    ties = [p for p in res.points if p["val_accuracy"] == best]
+    res.chosen = min(ties, key=lambda p: (p["C"], p["g"] or 0.0))
+    res.seconds = time.perf_counter() - t_all
+    return res
+
+
+def final_fit(family: str, chosen: dict[str, Any], X: np.ndarray, y: np.ndarray, *,
+              exact: bool = False, n_components: int = N_COMPONENTS, seed: int = 0
+              ) -> tuple[Pipeline, dict[str, Any]]:
+    """The chosen configuration fitted once on all training rows; (model, fit record)."""
+    if family == "linear":
+        pipe = linear_head(chosen["C"], seed)
+    else:
+        pipe = kernel_head(chosen["g"], chosen["C"], X.shape[1], n_rows=len(X), exact=exact,
+                           n_components=n_components, seed=seed)
+    t0 = time.perf_counter()
+    pipe, msgs, ok = _fit_quiet(pipe, X, y)
+    return pipe, {"seconds": time.perf_counter() - t0, "converged": ok, "warnings": msgs}
