@@ -350,3 +350,39 @@ def test_no_holdout_names_no_headline(run, tmp_path):
     assert {r["n_train"] for r in res.rows} == {res.split["n_train"]}
     with pytest.raises(KeyError, match="validation accuracy"):
         res.best("frozen")
+
+
+def _long_arm_rows(n: int) -> list[dict]:
+    """Rows as compare() writes them, with the long arm names real backbones and strategies get
+    and accuracies/times close together (where the old annotated scatter piled names up)."""
+    names = ["pixels+logreg", "hog+svm-rbf", "timm:convnext_tiny.fb_in22k_ft_in1k+logreg",
+             "timm:convnext_tiny.fb_in22k_ft_in1k+svm-rbf", "finetune:efficientnet_lite0:gradual",
+             "efficientnet_lite0@blocks.5+knn", "a_long_backbone_name_" * 4, "x" * 80]
+    families = ["classical", "classical", "frozen", "frozen", "finetune", "frozen", "other"]
+    return [{"arm": f"{names[i % len(names)]}{'' if i < len(names) else f'-{i}'}",
+             "family": families[i % len(families)], "n_train": 4000,
+             "accuracy": 0.90 + 0.001 * i, "accuracy_ci95": [0.88 + 0.001 * i, 0.92],
+             "train_seconds": 30.0 + i} for i in range(n)]
+
+
+@pytest.mark.parametrize("n_arms", [1, 7, 24])
+def test_compare_plot_arm_names_are_readable_and_never_overlap(n_arms: int) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from featurepipe.compare import compare_figure
+
+    rows = _long_arm_rows(n_arms)
+    fig = compare_figure(rows)
+    FigureCanvasAgg(fig).draw()
+    renderer = fig.canvas.get_renderer()
+    axes = fig.axes[0]
+    labels = [t for t in axes.get_yticklabels() if t.get_visible() and t.get_text()]
+    shown = sorted(t.get_text().replace("\n", "").replace(" ", "") for t in labels)
+    assert shown == sorted(f"{r['arm']}(n=4000)" for r in rows)  # every name, whole
+    boxes = [t.get_window_extent(renderer) for t in labels]
+    for i, a in enumerate(boxes):
+        assert a.x0 >= 0 and a.y0 >= 0 and a.x1 <= fig.bbox.x1 and a.y1 <= fig.bbox.y1
+        assert a.x1 <= axes.bbox.x0  # left of the plot, not drawn over it
+        for b in boxes[i + 1:]:
+            assert not a.overlaps(b), (a, b)
+    assert max(len(line) for t in labels for line in t.get_text().split("\n")) <= 34
