@@ -158,14 +158,13 @@ def wrap_label(text: str, width: int = LABEL_WIDTH) -> str:
     lines: list[str] = []
     line = ""
     for piece in _LABEL_PIECES.findall(text):
-        while len(piece) > width:  # one piece longer than a line: cut it
-            room = width - len(line)
-            lines.append(line + piece[:room])
-            line, piece = "", piece[room:]
-        if len(line.rstrip()) + len(piece.rstrip()) > width and line:
+        if line and len(line) + len(piece.rstrip()) > width:
             lines.append(line)
             line = ""
         line += piece
+        while len(line.rstrip()) > width:  # one piece longer than a line: cut it
+            lines.append(line[:width])
+            line = line[width:]
     lines.append(line)
     return "\n".join(part.strip() for part in lines if part.strip())
 
