@@ -365,24 +365,41 @@ def _long_arm_rows(n: int) -> list[dict]:
              "train_seconds": 30.0 + i} for i in range(n)]
 
 
-@pytest.mark.parametrize("n_arms", [1, 7, 24])
-def test_compare_plot_arm_names_are_readable_and_never_overlap(n_arms: int) -> None:
+def _tick_labels(axis) -> list:
+    """The labels an axis draws: visible, non-empty, at a tick inside the view."""
+    lo, hi = sorted(axis.get_view_interval())
+    locs = [*axis.get_majorticklocs(), *axis.get_minorticklocs()]
+    return [label for loc, label in zip(locs, axis.get_ticklabels(which="both"), strict=True)
+            if label.get_visible() and label.get_text() and lo <= loc <= hi]
+
+
+@pytest.mark.parametrize(("n_arms", "seconds"), [(1, 1.0), (7, 1.0), (24, 1.0), (7, 40.0),
+                                                 (7, 1e5)])
+def test_compare_plot_arm_names_are_readable_and_no_labels_overlap(n_arms: int,
+                                                                   seconds: float) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     from featurepipe.compare import compare_figure
 
     rows = _long_arm_rows(n_arms)
+    for i, r in enumerate(rows):  # times close together (40 s) or over many decades (1e5)
+        r["train_seconds"] = seconds * (1.0 + 0.02 * i) if seconds < 1e5 else 10.0 ** (i - 2)
     fig = compare_figure(rows)
     FigureCanvasAgg(fig).draw()
     renderer = fig.canvas.get_renderer()
-    axes = fig.axes[0]
-    labels = [t for t in axes.get_yticklabels() if t.get_visible() and t.get_text()]
-    shown = sorted(t.get_text().replace("\n", "").replace(" ", "") for t in labels)
+    names = _tick_labels(fig.axes[0].yaxis)
+    shown = sorted(t.get_text().replace("\n", "").replace(" ", "") for t in names)
     assert shown == sorted(f"{r['arm']}(n=4000)" for r in rows)  # every name, whole
-    boxes = [t.get_window_extent(renderer) for t in labels]
-    for i, a in enumerate(boxes):
-        assert a.x0 >= 0 and a.y0 >= 0 and a.x1 <= fig.bbox.x1 and a.y1 <= fig.bbox.y1
-        assert a.x1 <= axes.bbox.x0  # left of the plot, not drawn over it
-        for b in boxes[i + 1:]:
-            assert not a.overlaps(b), (a, b)
-    assert max(len(line) for t in labels for line in t.get_text().split("\n")) <= 34
+    assert max(len(line) for t in names for line in t.get_text().split("\n")) <= 34
+    for ax in fig.axes:
+        title = ax.xaxis.label.get_window_extent(renderer)
+        assert title.x0 >= 0 and title.x1 <= fig.bbox.x1 and title.y0 >= 0  # not cut off
+        for axis in (ax.xaxis, ax.yaxis):
+            boxes = [t.get_window_extent(renderer) for t in _tick_labels(axis)]
+            assert boxes or axis is not ax.xaxis  # every x axis is labelled
+            for i, a in enumerate(boxes):
+                assert a.x0 >= 0 and a.y0 >= 0 and a.x1 <= fig.bbox.x1 and a.y1 <= fig.bbox.y1
+                for b in boxes[i + 1:]:
+                    assert not a.overlaps(b), (a, b)
+    for box in (t.get_window_extent(renderer) for t in names):
+        assert box.x1 <= fig.axes[0].bbox.x0  # left of the plot, not drawn over it
