@@ -368,9 +368,9 @@ def _long_arm_rows(n: int) -> list[dict]:
 def _tick_labels(axis) -> list:
     """The labels an axis draws: visible, non-empty, at a tick inside the view."""
     lo, hi = sorted(axis.get_view_interval())
-    locs = [*axis.get_majorticklocs(), *axis.get_minorticklocs()]
-    return [label for loc, label in zip(locs, axis.get_ticklabels(which="both"), strict=True)
-            if label.get_visible() and label.get_text() and lo <= loc <= hi]
+    ticks = [*axis.get_major_ticks(), *axis.get_minor_ticks()]
+    return [t.label1 for t in ticks
+            if t.label1.get_visible() and t.label1.get_text() and lo <= t.get_loc() <= hi]
 
 
 @pytest.mark.parametrize(("n_arms", "seconds"), [(1, 1.0), (7, 1.0), (24, 1.0), (7, 40.0),
