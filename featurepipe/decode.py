@@ -1,7 +1,8 @@
 """The one place images are opened: format allowlist, size limit, EXIF, pixel modes, clear errors.
 
 Every image featurepipe embeds, fine-tunes on or predicts goes through :func:`decode_image` (files)
-or :func:`array_to_image` (arrays), so training and inference see identical pixels
+or :func:`array_to_image` (arrays) or :func:`image_to_rgb` (in-memory PIL images), so training and
+inference see identical pixels
 (:func:`decode_image_tensor`, the engines' fast path, gives the same pixels), and a bad file
 always surfaces as a :class:`~featurepipe.exceptions.DecodeError` with a short, stable ``reason``
 that the feature store records in its skipped-file list:
@@ -52,6 +53,7 @@ __all__ = [
     "array_to_image",
     "decode_image",
     "decode_image_tensor",
+    "image_to_rgb",
     "is_plain_jpeg",
     "read_jpeg_bytes",
     "to_rgb",
@@ -583,10 +585,15 @@ def _check_header(path: str, img: Image.Image, policy: DecodePolicy) -> None:
         raise DecodeError(path, f"content is {fmt}, extension says {ext[1:].upper()}")
     if fmt not in policy.formats:
         raise DecodeError(path, f"unsupported format {fmt}")
-    width, height = img.size
+    _check_size(path, img.size, policy)
+
+
+def _check_size(path: str, size: tuple[int, int], policy: DecodePolicy) -> None:
+    """Refuse oversized and overly elongated images (files and in-memory images alike)."""
+    width, height = size
     if width * height > policy.max_pixels:
         raise DecodeError(path, f"too large ({width} x {height} pixels > {policy.max_pixels})")
-    if _aspect_over(img.size, policy):
+    if _aspect_over(size, policy):
         raise DecodeError(path, f"aspect ratio {width}:{height} over the limit "
                                 f"({policy.max_aspect_ratio:g}:1)")
 
@@ -740,6 +747,60 @@ def array_to_image(arr: Any, policy: DecodePolicy | None = None) -> Image.Image:
         return Image.fromarray(np.ascontiguousarray(u8), mode="RGB")
     background = (DecodePolicy() if policy is None else policy).background
     return _composite(Image.fromarray(np.ascontiguousarray(u8), mode="RGBA"), background)
+
+
+def image_to_rgb(img: Image.Image, policy: DecodePolicy | None = None,
+                 name: str = "image") -> Image.Image:
+    """Turn an in-memory PIL image into RGB with the same rules as files.
+
+    The policy's size and aspect-ratio limits, its format allowlist (for an image that still
+    carries the format of the file it was opened from), EXIF/XMP orientation (when the image
+    has such a tag) and :func:`to_rgb`'s mode conversion apply, so an image passed in memory
+    gives the pixels of the same image read from a file. ``img`` itself is never modified
+    (a lazily opened image is loaded).
+
+    Parameters
+    ----------
+    img : PIL.Image.Image
+        Any mode and size.
+    policy : DecodePolicy, optional
+        ``DecodePolicy()`` by default.
+    name : str, default "image"
+        How errors name the image (say ``"X[3]"``).
+
+    Returns
+    -------
+    PIL.Image.Image
+        Mode ``"RGB"``: ``img`` itself when it already is plain RGB and upright.
+
+    Raises
+    ------
+    DecodeError
+        With the short reasons of :func:`decode_image` (``unsupported mode X``, ``too large
+        (...)``, ``truncated`` for a lazily opened file cut short, ...).
+
+    Examples
+    --------
+    >>> from PIL import Image
+    >>> image_to_rgb(Image.new("LA", (4, 2))).mode
+    'RGB'
+    """
+    policy = DecodePolicy() if policy is None else policy
+    with _quiet_pil(), _decode_errors(name):
+        if img.format is not None and img.format not in policy.formats:
+            raise DecodeError(name, f"unsupported format {img.format}")
+        _check_size(name, img.size, policy)
+        img.load()
+        if policy.exif_transpose and img.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+            with contextlib.suppress(OSError, SyntaxError, ValueError, TypeError, KeyError,
+                                     IndexError):
+                img = ImageOps.exif_transpose(img) or img  # a copy: the caller's stays as is
+        try:
+            rgb = to_rgb(img, policy)
+        except ConfigError:
+            raise DecodeError(name, f"unsupported mode {img.mode}") from None
+        rgb.load()
+    return rgb
 
 
 def check_image_array(a: np.ndarray, *, batched: bool) -> None:

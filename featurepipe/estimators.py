@@ -5,8 +5,9 @@
   keyed by (store entry key, image id, fingerprint): clones with the same backbone settings share
   them, and a grid search over the head embeds each image once. With ``cache=PATH`` they also go
   to an HDF5 :class:`~featurepipe.store.FeatureStore`, re-used by other processes and workers.
-* Ids are stable across calls: absolute file paths, and for array rows a hash of the pixels, so
-  one image in two arrays is embedded once and two different arrays never collide.
+* Ids are stable across calls: absolute file paths, and for array rows and PIL images a hash of
+  the pixels, so one image in two arrays (or lists) is embedded once and two different ones
+  never collide.
 * The network is loaded once per process and never pickled: a pickled embedder carries only its
   backbone spec and reloads the network on first use.
 """
@@ -21,6 +22,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
+from PIL import Image
 from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin, clone
 from sklearn.utils.validation import check_is_fitted
 
@@ -40,7 +42,10 @@ from featurepipe.records import SkippedFile
 from featurepipe.sources import ImageSource, Sample, open_source, safe_id
 from featurepipe.store import FeatureStore
 
-__all__ = ["ImageEmbedder", "clear_caches", "drop_bad"]
+__all__ = ["ON_ERROR", "ImageEmbedder", "clear_caches", "drop_bad"]
+
+#: What ``ImageEmbedder.transform`` may do with an image it cannot embed.
+ON_ERROR = ("raise", "zero")
 
 #: Most bytes of features the per-process memo keeps (least recently used rows go first).
 MEMORY_CACHE_BYTES = 1 << 30
@@ -112,8 +117,8 @@ def _normalise_input(X: Any) -> Any:
 def _check_images(X: Any) -> None:
     """Cheap check that ``X`` is something transform can read; nothing is opened."""
     X = _normalise_input(X)
-    expected = ("ImageEmbedder takes images: a list of image paths, a folder, a CSV manifest, "
-                "an ImageSource or an image array (N, H, W) / (N, H, W, C)")
+    expected = ("ImageEmbedder takes images: a list of image paths or PIL images, a folder, a "
+                "CSV manifest, an ImageSource or an image array (N, H, W) / (N, H, W, C)")
     if isinstance(X, np.ndarray):
         if X.ndim not in (3, 4):
             raise ConfigError(f"{expected}; got an array of shape {X.shape} (for a feature "
@@ -122,9 +127,17 @@ def _check_images(X: Any) -> None:
     elif isinstance(X, (list, tuple)):
         if len(X) == 0:
             raise ConfigError(f"{expected}; got an empty list")
-        bad = next((x for x in X if not isinstance(x, (str, os.PathLike, np.ndarray))), None)
+        bad = next((x for x in X if not isinstance(x, (str, os.PathLike, np.ndarray,
+                                                        Image.Image))), None)
         if bad is not None:
             raise ConfigError(f"{expected}; got a list holding {type(bad).__name__}")
+        n_images = sum(isinstance(x, Image.Image) for x in X)
+        if 0 < n_images < len(X):
+            other = next(x for x in X if not isinstance(x, Image.Image))
+            raise ConfigError(f"{expected}; got a list mixing {n_images} PIL images with "
+                              f"{type(other).__name__} items (pass one kind per list)")
+    elif isinstance(X, Image.Image):
+        raise ConfigError(f"{expected}; got one PIL image (pass a list: [image])")
     elif not isinstance(X, (str, os.PathLike, ImageSource)):
         raise ConfigError(f"{expected}; got {type(X).__name__}")
 
@@ -134,8 +147,9 @@ def _keyed_source(X: Any) -> tuple[ImageSource, list[str], np.ndarray]:
     from each position of ``X`` to its unique image."""
     src = open_source(_normalise_input(X))
     fps = [src.fingerprint(i) for i in range(len(src))]
-    if src.array is not None:
-        ids = [f"array:{fp.partition(':')[2]}" for fp in fps]
+    if src.paths is None:  # arrays and PIL images: content-addressed
+        prefix = "array" if src.images is None else "image"
+        ids = [f"{prefix}:{fp.partition(':')[2]}" for fp in fps]
     else:
         ids = [safe_id(os.path.abspath(s.path or s.id)) for s in src.samples]
     first: dict[str, int] = {}  # id -> first position
@@ -145,8 +159,8 @@ def _keyed_source(X: Any) -> tuple[ImageSource, list[str], np.ndarray]:
     inverse = np.array([unique_index[id_] for id_ in ids], dtype=np.int64)
     keep = list(first.values())
     samples = [Sample(ids[k], -1, src.samples[k].path, src.samples[k].index) for k in keep]
-    unique = ImageSource(samples, [], root=None, kind="array" if src.array is not None else
-                         "paths", array=src.array)
+    kind = "paths" if src.paths is not None else "array" if src.images is None else "pil"
+    unique = ImageSource(samples, [], root=None, kind=kind, array=src.array, images=src.images)
     return unique, [fps[k] for k in keep], inverse
 
 
@@ -177,8 +191,10 @@ class ImageEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
     dtype : {"float32", "float16"}, default="float32"
         Precision the features are stored in; ``transform`` always returns float32 (float16
         features are rounded the same way whether they came from the store or not).
-    on_error : {"skip", "raise"}, default="skip"
-        What ``transform`` does with images that cannot be decoded, see Notes.
+    on_error : {"raise", "zero"}, default="raise"
+        What ``transform`` does with an image that cannot be decoded: raise a
+        :class:`~featurepipe.exceptions.DecodeError` naming it and why, or give it a row of
+        zeros and mark it in ``failed_mask_``; see Notes.
     progress : bool, default=False
         Show a progress bar while embedding.
 
@@ -195,22 +211,30 @@ class ImageEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         The feature-store entry key of ``key_parts_``.
     feature_dim_, n_features_out_ : int
         Width of the features.
-    skipped_ : list of (id, reason)
-        Images the last ``transform`` could not embed (ids are absolute paths, or
-        ``"array:<hash>"`` for array rows).
+    skipped_ : list of SkippedFile
+        ``(id, reason)`` of each distinct image the last ``transform`` could not embed (ids are
+        absolute paths, ``"array:<hash>"`` for array rows, ``"image:<hash>"`` for PIL images).
+    failed_mask_ : ndarray of bool, shape (n_images,)
+        Set by ``transform`` with ``on_error="zero"``: True for the rows of its input that are
+        zeros because the image could not be embedded.
 
     Notes
     -----
-    Bad images: ``transform`` cannot drop rows without misaligning ``y`` in a Pipeline, so with
-    ``on_error="skip"`` a bad image becomes a row of zeros, is listed in ``skipped_`` and named in
-    a :class:`~featurepipe.exceptions.FeaturePipeWarning`. Remove such images before fitting
-    with :func:`drop_bad` or :meth:`valid_mask` (they embed once, into the same cache). With
-    ``on_error="raise"`` ``transform`` raises a :class:`~featurepipe.exceptions.DecodeError`
-    naming every bad file.
+    Bad images: by default ``transform`` raises a :class:`~featurepipe.exceptions.DecodeError`
+    naming the first bad image (its path, or its position ``X[i]`` for array rows and PIL
+    images), why it failed, and how many more there are; a model never silently learns from or
+    predicts on a row that is not an image's features. ``transform`` cannot drop rows without
+    misaligning ``y`` in a Pipeline, so ``on_error="zero"`` keeps one row per image: a bad
+    image becomes a row of zeros, is marked in ``failed_mask_``, listed in ``skipped_`` and
+    named in a :class:`~featurepipe.exceptions.FeaturePipeWarning`. To fit on the good images
+    only, remove the bad ones first with :func:`drop_bad` or :meth:`valid_mask` (they embed
+    once, into the same cache).
 
-    Inputs are images, not 2-D numeric tables: a list of paths (repeats allowed), a folder,
-    a CSV manifest, an :class:`~featurepipe.sources.ImageSource`, or a uint8/float image array
-    ``(N, H, W)`` / ``(N, H, W, C)``.
+    Inputs are images, not 2-D numeric tables: a list of paths (repeats allowed), a list of
+    PIL images (any modes and sizes; decoded by :func:`featurepipe.decode.image_to_rgb`, the
+    rules files follow), a folder, a CSV manifest, an
+    :class:`~featurepipe.sources.ImageSource`, or a uint8/float image array
+    ``(N, H, W)`` / ``(N, H, W, C)``. A list mixing PIL images with paths is refused.
 
     Examples
     --------
@@ -225,7 +249,7 @@ class ImageEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
                  image_size: int | None = None, precision: str = "auto", batch_size: int = 64,
                  device: str = "auto", workers: int | None = None,
                  cache: str | os.PathLike | None = None, dtype: str = "float32",
-                 on_error: str = "skip", progress: bool = False) -> None:
+                 on_error: str = "raise", progress: bool = False) -> None:
         self.backbone = backbone
         self.weights = weights
         self.layer = layer
@@ -255,7 +279,11 @@ class ImageEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         self : ImageEmbedder
         """
         _check_images(X)
-        self._options()  # validates batch_size, workers, dtype, on_error
+        self._options()  # validates batch_size, workers, dtype
+        if self.on_error not in ON_ERROR:
+            raise ConfigError(f"on_error must be 'raise' or 'zero'; got {self.on_error!r} "
+                              "(transform keeps one row per image: 'zero' gives a bad image a "
+                              "row of zeros, marked in failed_mask_)")
         if self.cache is not None and not isinstance(self.cache, (str, os.PathLike)):
             raise ConfigError(f"cache must be a path to an HDF5 store or None; got "
                               f"{type(self.cache).__name__}")
@@ -271,14 +299,18 @@ class ImageEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         self.key_ = entry_key(self.key_parts_)
         self.feature_dim_ = self.n_features_out_ = int(backbone.feature_dim)
         self.skipped_: list[SkippedFile] = []
+        self.__dict__.pop("failed_mask_", None)  # describes a transform of the previous fit
         return self
 
     def _options(self) -> EmbedOptions:
-        """The engine settings of this embedder (in memory: eager, never compiled)."""
+        """The engine settings of this embedder (in memory: eager, never compiled).
+
+        The engine always records bad images (``on_error="skip"``): :meth:`transform` decides
+        what they become, after every image of the call is known.
+        """
         return EmbedOptions(batch_size=self.batch_size, workers=self.workers, device=self.device,
                             precision=self.precision, compile="off", dtype=self.dtype,
-                            on_error=self.on_error,
-                            progress=bool(self.progress))
+                            on_error="skip", progress=bool(self.progress))
 
     @property
     def _n_features_out(self) -> int:
@@ -297,18 +329,24 @@ class ImageEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         Returns
         -------
         features : ndarray of shape (n_images, feature_dim_), float32
-            Zero rows for bad images when ``on_error="skip"``.
+            With ``on_error="zero"``, zero rows for bad images (marked in ``failed_mask_``).
 
         Raises
         ------
         DecodeError
-            ``on_error="raise"`` and some images cannot be decoded (all are named).
+            ``on_error="raise"`` (the default) and some images cannot be decoded: names the
+            first (path, or ``X[i]`` for array rows and PIL images) and why, and counts the rest.
         """
         features, bad, _ = self.embed_positions(X)
-        self.skipped_ = [SkippedFile(id_, reason) for _, id_, reason in bad]
-        if bad and self.on_error == "raise":
-            raise DecodeError(bad[0][1], bad[0][2] + _more(bad[1:]) +
-                              "; fix or remove them, or use on_error='skip'")
+        self.skipped_ = list(dict.fromkeys(SkippedFile(id_, reason) for _, id_, reason in bad))
+        if bad and self.on_error != "zero":
+            pos, id_, reason = bad[0]
+            raise DecodeError(_name(pos, id_), reason + _more(bad[1:]) +
+                              "; fix or remove them (drop_bad), or use on_error='zero'")
+        if self.on_error == "zero":
+            failed = np.zeros(len(features), dtype=bool)
+            failed[[pos for pos, _, _ in bad]] = True
+            self.failed_mask_ = failed
         if bad:
             warnings.warn(
                 f"ImageEmbedder: {len(bad)} of {len(features)} images could not be embedded and "
@@ -434,8 +472,14 @@ class ImageEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         return tags
 
 
+def _name(pos: int, id_: str) -> str:
+    """A bad image as a user finds it: its file path, or its position in X for array rows and
+    PIL images (whose ids are content hashes)."""
+    return f"X[{pos}]" if id_.startswith(("array:", "image:")) else id_
+
+
 def _describe(bad: list[tuple[int, str, str]]) -> str:
-    shown = ", ".join(f"{id_} ({reason})" for _, id_, reason in bad[:_SHOWN])
+    shown = ", ".join(f"{_name(pos, id_)} ({reason})" for pos, id_, reason in bad[:_SHOWN])
     return shown + (f" and {len(bad) - _SHOWN} more" if len(bad) > _SHOWN else "")
 
 

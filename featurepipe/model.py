@@ -193,7 +193,7 @@ class ImageClassifier:
             spec = self.backbone_spec
             embedder = ImageEmbedder(
                 spec.name, weights=spec.weights, layer=spec.layer, image_size=spec.image_size,
-                dtype=self.key_parts.get("dtype") or "float32", on_error="skip",
+                dtype=self.key_parts.get("dtype") or "float32", on_error="zero",
                 **self.embed_options).fit(X)
             if self.key_parts:
                 check_same_spec(self.key_parts, embedder.key_parts_,

@@ -1,4 +1,5 @@
-"""Inputs to samples: folders, CSV manifests, path lists, arrays and IDX files as one ImageSource.
+"""Inputs to samples: folders, CSV manifests, path lists, arrays, PIL images and IDX files as one
+ImageSource.
 
 An :class:`ImageSource` is an ordered list of :class:`Sample` (a stable ``id`` that keys the
 feature store, an int ``label`` with ``-1`` for unlabelled, a file ``path`` or an array ``index``)
@@ -39,6 +40,7 @@ from featurepipe.decode import (
     check_image_array,
     decode_image,
     decode_image_tensor,
+    image_to_rgb,
 )
 from featurepipe.display import escape
 from featurepipe.exceptions import ConfigError, SourceError
@@ -56,7 +58,7 @@ __all__ = [
     "safe_id",
 ]
 
-KINDS = ("folder", "flat", "manifest", "paths", "array", "idx")
+KINDS = ("folder", "flat", "manifest", "paths", "array", "idx", "pil")
 
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
                          "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -74,9 +76,9 @@ class Sample:
     """One image of a source.
 
     ``id`` is the stable key in the feature store: the POSIX path relative to the source root,
-    the path as given (path lists) or ``<name>[<i>]`` (array and IDX rows). ``label`` is an int
-    (``-1`` = unlabelled). Exactly one of ``path`` (absolute file path) and ``index`` (row in the
-    source's array) is set.
+    the path as given (path lists) or ``<name>[<i>]`` (array and IDX rows, PIL images). ``label``
+    is an int (``-1`` = unlabelled). Exactly one of ``path`` (absolute file path) and ``index``
+    (row in the source's array, or position in its list of PIL images) is set.
     """
 
     id: str
@@ -96,10 +98,13 @@ class ImageSource:
         Names of labels ``0..K-1``.
     root : str, optional
         The folder ids are relative to (None for path lists and arrays).
-    kind : {"folder", "flat", "manifest", "paths", "array", "idx"}
+    kind : {"folder", "flat", "manifest", "paths", "array", "idx", "pil"}
         Where the samples came from.
     array : numpy.ndarray, optional
         ``(N, H, W)`` or ``(N, H, W, C)`` pixels for array/IDX samples.
+    images : sequence of PIL.Image.Image, optional
+        In-memory images (any mode and size) for ``"pil"`` samples, whose ``index`` points
+        into it. Decoded by :func:`~featurepipe.decode.image_to_rgb`, the file rules.
 
     Notes
     -----
@@ -116,6 +121,7 @@ class ImageSource:
         root: str | None = None,
         kind: str = "paths",
         array: np.ndarray | None = None,
+        images: Sequence[Image.Image] | None = None,
     ) -> None:
         samples = list(samples)
         if kind not in KINDS:
@@ -124,9 +130,10 @@ class ImageSource:
         self.root = root
         self.kind = kind
         self._array = array
+        self._images = None if images is None else list(images)
         self._ids = [s.id for s in samples]
         self._labels = np.fromiter((s.label for s in samples), dtype=np.int64, count=len(samples))
-        if array is None:
+        if array is None and images is None:
             self._paths: list[str] | None = [_need(s.path, s, "path") for s in samples]
             self._rows: np.ndarray | None = None
         else:
@@ -180,6 +187,11 @@ class ImageSource:
         """The pixel array of array/IDX sources (None for file sources)."""
         return self._array
 
+    @property
+    def images(self) -> list[Image.Image] | None:
+        """The PIL images of a ``"pil"`` source (None for the other kinds)."""
+        return self._images
+
     # -- per sample ------------------------------------------------------------------------
 
     def load(self, i: int, policy: DecodePolicy | None = None,
@@ -207,6 +219,8 @@ class ImageSource:
         """
         if self._paths is not None:
             return decode_image(self._paths[i], policy, target_size)
+        if self._images is not None:
+            return image_to_rgb(self._image(i), policy, self._ids[i])
         return array_to_image(self._row(i), policy)
 
     def load_tensor(self, i: int, policy: DecodePolicy | None = None,
@@ -220,7 +234,7 @@ class ImageSource:
             return decode_image_tensor(self._paths[i], policy, target_size)
         from torchvision.transforms.v2.functional import pil_to_tensor
 
-        return pil_to_tensor(array_to_image(self._row(i), policy))
+        return pil_to_tensor(self.load(i, policy))
 
     def fingerprint(self, i: int, content_hash: bool = False) -> str:
         """What identifies the current content of sample ``i``; a change means re-embed.
@@ -231,15 +245,18 @@ class ImageSource:
             Position in the source.
         content_hash : bool, default False
             Files: hash the bytes (``"sha256:<hex>"``) instead of the cheap ``"size:mtime_ns"``.
-            Array rows are always hashed.
+            Array rows and PIL images are always hashed.
 
         Returns
         -------
         str
             ``"size:mtime_ns"``, ``"sha256:<hex>"``, ``"missing"`` for a file that is gone,
             ``"unreadable"`` for one that cannot be read, or ``"blake2b:<16 hex>"`` of an array
-            row's bytes, shape and dtype.
+            row's bytes, shape and dtype (of a PIL image's pixels, mode, size, palette,
+            transparency and orientation).
         """
+        if self._images is not None:
+            return _image_fingerprint(self._image(i))
         if self._paths is None:
             return _row_fingerprint(self._row(i))
         path = self._paths[i]
@@ -300,6 +317,11 @@ class ImageSource:
             raise ConfigError(f"{self!r} has no array rows")
         return self._array[int(self._rows[i])]
 
+    def _image(self, i: int) -> Image.Image:
+        if self._images is None or self._rows is None:
+            raise ConfigError(f"{self!r} has no PIL images")
+        return self._images[int(self._rows[i])]
+
     # -- pickling: columns only ------------------------------------------------------------
 
     def __getstate__(self) -> dict[str, Any]:
@@ -344,6 +366,21 @@ def _row_fingerprint(row: np.ndarray) -> str:
     return "blake2b:" + h.hexdigest()
 
 
+def _image_fingerprint(img: Image.Image) -> str:
+    """What decides a PIL image's pixels: its pixel bytes plus what :func:`image_to_rgb` reads
+    beside them. An image that cannot be loaded (opened lazily from a file cut short) is hashed
+    from its header and the error, so it keeps one id and fails again with its reason."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update(repr((img.mode, img.size, img.format)).encode())
+    try:
+        h.update(img.tobytes())
+        h.update(bytes(img.getpalette(rawmode=None) or b""))
+        h.update(repr((img.info.get("transparency"), img.getexif().get(0x0112))).encode())
+    except Exception as exc:  # noqa: BLE001 - decoding reports it; the id must still exist
+        h.update(f"unreadable: {type(exc).__name__}: {exc}".encode())
+    return "blake2b:" + h.hexdigest()
+
+
 def _sha256_file(path: str) -> str:
     """The file's sha256; OSError for anything but a regular file, which is never opened (a
     FIFO would block the open)."""
@@ -368,7 +405,7 @@ def open_source(
 
     Parameters
     ----------
-    obj : str, PathLike, sequence of paths, numpy.ndarray or ImageSource
+    obj : str, PathLike, sequence of paths or PIL images, numpy.ndarray or ImageSource
         * a folder with one subfolder per class (class names = sorted subfolder names, images
           found recursively, ids ``"cat/001.jpg"``), or a folder of images only (``"flat"``,
           unlabelled). Only names with a suffix in ``IMAGE_EXTENSIONS`` count (whatever they
@@ -390,6 +427,9 @@ def open_source(
           :func:`safe_id`; a path may repeat, see :meth:`ImageSource.require_unique_ids`).
         * an array ``(N, H, W)`` or ``(N, H, W, C)``, C in 1, 3, 4 (ids ``"array[<i>]"``;
           fingerprints hash the row contents, so a different array is never mistaken for it).
+        * a list/tuple of PIL images, any modes and sizes (kind ``"pil"``, ids ``"image[<i>]"``,
+          fingerprints hash the pixels as for arrays); a list mixing them with paths or arrays
+          is refused.
         * an ImageSource, returned as is (relabelled when ``labels``/``class_names`` are given).
     labels : sequence of int or str, optional
         One label per sample; overrides labels found in the source. See the module docstring.
@@ -425,8 +465,10 @@ def open_source(
     elif isinstance(obj, (list, tuple)):
         source = _from_sequence(obj)
     else:
+        hint = " (one PIL image? pass a list: [image])" if isinstance(obj, Image.Image) else ""
         raise ConfigError(f"cannot open {type(obj).__name__} as an image source; pass a folder, "
-                          "a .csv manifest, an IDX file, a list of paths or a numpy array")
+                          "a .csv manifest, an IDX file, a list of paths or PIL images or a numpy "
+                          f"array{hint}")
     if labels is not None:
         return _relabel(source, labels, class_names)
     return _name_classes(source, class_names)
@@ -773,12 +815,24 @@ def _from_sequence(items: Sequence[Any]) -> ImageSource:
             raise ConfigError(f"a list of arrays must share one shape to be stacked; got "
                               f"{sorted(shapes)[:3]}")
         return _from_array(np.stack(items))
+    if any(isinstance(x, Image.Image) for x in items):
+        return _from_images(items)
     bad = next((x for x in items if not isinstance(x, (str, os.PathLike))), None)
     if bad is not None:
         raise ConfigError(f"a list source must hold file paths (str or PathLike); found "
                           f"{type(bad).__name__}")
     samples = [Sample(safe_id(os.fspath(p)), -1, os.path.abspath(p)) for p in items]
     return ImageSource(samples, [], root=None, kind="paths")
+
+
+def _from_images(items: Sequence[Any]) -> ImageSource:
+    other = next((k for k, x in enumerate(items) if not isinstance(x, Image.Image)), None)
+    if other is not None:
+        raise ConfigError(f"a list of PIL images holds a {type(items[other]).__name__} at "
+                          f"position {other}; pass one kind per list (all PIL images, all paths "
+                          "or all arrays)")
+    samples = [Sample(f"image[{i}]", -1, None, i) for i in range(len(items))]
+    return ImageSource(samples, [], root=None, kind="pil", images=items)
 
 
 def _from_array(arr: np.ndarray) -> ImageSource:

@@ -350,3 +350,61 @@ def test_no_holdout_names_no_headline(run, tmp_path):
     assert {r["n_train"] for r in res.rows} == {res.split["n_train"]}
     with pytest.raises(KeyError, match="validation accuracy"):
         res.best("frozen")
+
+
+def _long_arm_rows(n: int) -> list[dict]:
+    """Rows as compare() writes them, with the long arm names real backbones and strategies get;
+    two outliers set the axes' scales and the other arms crowd together, where names written
+    beside the points would pile up."""
+    names = ["pixels+logreg", "hog+svm-rbf", "timm:convnext_tiny.fb_in22k_ft_in1k+logreg",
+             "timm:convnext_tiny.fb_in22k_ft_in1k+svm-rbf", "finetune:efficientnet_lite0:gradual",
+             "efficientnet_lite0@blocks.5+knn", "a_long_backbone_name_" * 4, "x" * 80]
+    families = ["classical", "classical", "frozen", "frozen", "finetune", "frozen", "other"]
+    rows = []
+    for i in range(n):
+        acc, seconds = {0: (0.80, 2.0), 1: (0.95, 600.0)}.get(i, (0.90 + 0.0005 * i, 40 + i / 2))
+        rows.append({"arm": f"{names[i % len(names)]}{'' if i < len(names) else f'-{i}'}",
+                     "family": families[i % len(families)], "n_train": 4000,
+                     "accuracy": acc, "accuracy_ci95": [acc - 0.02, min(acc + 0.02, 1.0)],
+                     "train_seconds": seconds})
+    return rows
+
+
+def _tick_labels(axis) -> list:
+    """The labels an axis draws: visible, non-empty, at a tick inside the view."""
+    lo, hi = sorted(axis.get_view_interval())
+    ticks = [*axis.get_major_ticks(), *axis.get_minor_ticks()]
+    return [t.label1 for t in ticks
+            if t.label1.get_visible() and t.label1.get_text() and lo <= t.get_loc() <= hi]
+
+
+@pytest.mark.parametrize(("n_arms", "seconds"), [(1, None), (7, None), (24, None), (7, 40.0),
+                                                 (7, 1e5)])
+def test_compare_plot_arm_names_are_readable_and_no_labels_overlap(n_arms: int,
+                                                                   seconds: float | None) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from featurepipe.compare import compare_figure
+
+    rows = _long_arm_rows(n_arms)
+    for i, r in enumerate(rows if seconds else []):  # all close (40 s) or many decades (1e5)
+        r["train_seconds"] = seconds * (1.0 + 0.02 * i) if seconds < 1e5 else 10.0 ** (i - 2)
+    fig = compare_figure(rows)
+    FigureCanvasAgg(fig).draw()
+    renderer = fig.canvas.get_renderer()
+    names = _tick_labels(fig.axes[0].yaxis)
+    shown = sorted(t.get_text().replace("\n", "").replace(" ", "") for t in names)
+    assert shown == sorted(f"{r['arm']}(n=4000)" for r in rows)  # every name, whole
+    assert max(len(line) for t in names for line in t.get_text().split("\n")) <= 34
+    for ax in fig.axes:
+        title = ax.xaxis.label.get_window_extent(renderer)
+        assert title.x0 >= 0 and title.x1 <= fig.bbox.x1 and title.y0 >= 0  # not cut off
+        for axis in (ax.xaxis, ax.yaxis):
+            boxes = [t.get_window_extent(renderer) for t in _tick_labels(axis)]
+            assert boxes or axis is not ax.xaxis  # every x axis is labelled
+            for i, a in enumerate(boxes):
+                assert a.x0 >= 0 and a.y0 >= 0 and a.x1 <= fig.bbox.x1 and a.y1 <= fig.bbox.y1
+                for b in boxes[i + 1:]:
+                    assert not a.overlaps(b), (a, b)
+    for box in (t.get_window_extent(renderer) for t in names):
+        assert box.x1 <= fig.axes[0].bbox.x0  # left of the plot, not drawn over it

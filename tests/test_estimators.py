@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from sklearn.base import clone
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GridSearchCV, StratifiedKFold, cross_val_score
@@ -20,6 +21,8 @@ from featurepipe.exceptions import (
     DecodeError,
     FeaturePipeWarning,
 )
+from featurepipe.records import SkippedFile
+from featurepipe.sources import open_source
 from featurepipe.store import FeatureStore
 from tests.helpers import TINY, write_good_images
 
@@ -226,29 +229,42 @@ def test_pickle_carries_spec_not_weights(two_classes, counted):
 # --------------------------------------------------------------------------- bad images
 
 
-def test_skip_fills_zeros_warns_and_records(mixed_folder):
+def test_bad_image_raises_by_default_naming_the_file_and_why(mixed_folder):
+    root, expected = mixed_folder
+    emb = ImageEmbedder(**SETTINGS).fit(root)
+    assert emb.on_error == "raise"
+    with pytest.raises(DecodeError, match="and 2 more bad images") as info:
+        emb.transform(root)
+    first = info.value.path
+    assert Path(first).is_absolute() and expected[Path(first).relative_to(root).as_posix()]
+    assert str(info.value).startswith(f"{first}: {info.value.reason}")
+    for name, why in expected.items():
+        if why:
+            assert Path(name).name in str(info.value)
+    assert {Path(i).relative_to(root).as_posix() for i, _ in emb.skipped_} == {
+        name for name, why in expected.items() if why}
+    assert not hasattr(emb, "failed_mask_")
+
+
+def test_zero_keeps_a_zero_row_per_bad_image_with_a_mask(mixed_folder):
     root, expected = mixed_folder
     bad_names = {name for name, why in expected.items() if why}
-    emb = ImageEmbedder(**SETTINGS).fit(root)
+    emb = ImageEmbedder(**SETTINGS, on_error="zero").fit(root)
     with pytest.warns(FeaturePipeWarning, match="could not be embedded") as record:
         F = emb.transform(root)
     assert "truncated" in str(record[0].message)
     skipped = {Path(i).relative_to(root).as_posix(): r for i, r in emb.skipped_}
     assert set(skipped) == bad_names
     assert all(skipped[name].startswith(expected[name]) for name in bad_names)
+    assert all(isinstance(s, SkippedFile) for s in emb.skipped_)
     mask = emb.valid_mask(root)
-    assert (~mask).sum() == len(bad_names)
-    assert not F[~mask].any() and F[mask].any(axis=1).all()
-
-
-def test_raise_names_every_bad_file(mixed_folder):
-    root, expected = mixed_folder
-    emb = ImageEmbedder(**SETTINGS, on_error="raise").fit(root)
-    with pytest.raises(DecodeError, match="and 2 more bad images") as info:
-        emb.transform(root)
-    for name, why in expected.items():
-        if why:
-            assert Path(name).name in str(info.value)
+    np.testing.assert_array_equal(emb.failed_mask_, ~mask)
+    assert emb.failed_mask_.sum() == len(bad_names) and emb.failed_mask_.dtype == bool
+    assert not F[emb.failed_mask_].any() and F[~emb.failed_mask_].any(axis=1).all()
+    emb.transform(root / "a")  # the mask describes the last call
+    assert emb.failed_mask_.shape == (6,) and not emb.failed_mask_.any()
+    with pytest.raises(ConfigError, match=r"on_error must be 'raise' or 'zero'; got 'skip'"):
+        ImageEmbedder(**SETTINGS, on_error="skip").fit(root)
 
 
 def test_drop_bad_keeps_y_aligned_and_fit_embeds_nothing_new(mixed_folder, counted):
@@ -291,3 +307,65 @@ def test_init_stores_params_and_fit_validates(two_classes):
     emb = ImageEmbedder(**SETTINGS).fit(paths)
     assert emb.get_feature_names_out()[0] == "imageembedder0"
     assert emb.n_features_out_ == emb.feature_dim_ == len(emb.get_feature_names_out())
+
+
+# --------------------------------------------------------------------------- PIL images
+
+
+def _modes_and_sizes(tmp_path):
+    """PIL images of several modes and sizes, and the same images as lossless files."""
+    rng = np.random.default_rng(7)
+    noise = rng.integers(0, 256, size=(30, 26, 4), dtype=np.uint8)
+    images = [Image.fromarray(noise[..., :3]), Image.fromarray(noise, "RGBA").resize((40, 21)),
+              Image.fromarray(noise[..., 0], "L"), Image.fromarray(noise[..., 1], "L").convert("P"),
+              Image.fromarray(noise[..., 2].astype(np.uint16) * 257),
+              Image.fromarray(noise, "RGBA").convert("CMYK")]
+    paths = []
+    for i, img in enumerate(images):
+        paths.append(str(tmp_path / f"{i}.{'tif' if img.mode == 'CMYK' else 'png'}"))
+        img.save(paths[-1])
+    return images, paths
+
+
+def test_pil_images_embed_like_the_same_files_and_are_content_addressed(tmp_path, counted):
+    images, paths = _modes_and_sizes(tmp_path)
+    emb = ImageEmbedder(**SETTINGS).fit(images)
+    from_files = ImageEmbedder(**SETTINGS).fit(paths).transform(paths)
+    assert counted["images"] == len(paths)
+    F = emb.transform(images + [images[0]])
+    assert counted["images"] == 2 * len(paths)  # the repeat is embedded once
+    np.testing.assert_allclose(F[:-1], from_files, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(F[-1], F[0])
+    again = emb.transform([img.copy() for img in images[::-1]])  # equal pixels, new objects
+    assert counted["images"] == 2 * len(paths)
+    np.testing.assert_array_equal(again[::-1], F[:-1])
+    pipe = make_pipeline(ImageEmbedder(**SETTINGS), LogisticRegression(max_iter=200))
+    assert pipe.fit(images, [0, 1] * 3).predict(images[:2]).shape == (2,)
+
+
+def test_pil_images_go_through_the_cache_store(tmp_path):
+    images, _ = _modes_and_sizes(tmp_path)
+    cache = tmp_path / "cache.h5"
+    stored = ImageEmbedder(**SETTINGS, cache=cache).fit(images).transform(images)
+    assert sorted(FeatureStore(cache).load().ids) == sorted(
+        f"image:{open_source(images).fingerprint(i).partition(':')[2]}" for i in range(6))
+    clear_caches(backbones=False)
+    np.testing.assert_array_equal(
+        ImageEmbedder(**SETTINGS, cache=cache).fit(images).transform(images), stored)
+
+
+def test_bad_pil_image_is_named_by_its_position(tmp_path):
+    images, paths = _modes_and_sizes(tmp_path)
+    X = [*images[:2], Image.new("RGB", (1010, 10)), images[2]]
+    with pytest.raises(DecodeError, match=r"^X\[2\]: aspect ratio 1010:10 over the limit"):
+        ImageEmbedder(**SETTINGS).fit(X).transform(X)
+    emb = ImageEmbedder(**SETTINGS, on_error="zero").fit(X)
+    with pytest.warns(FeaturePipeWarning, match=r"X\[2\] \(aspect ratio"):
+        F = emb.transform(X)
+    assert emb.failed_mask_.tolist() == [False, False, True, False] and not F[2].any()
+    X_ok, y_ok = drop_bad(X, [0, 1, 0, 1], emb)
+    assert len(X_ok) == 3 and X_ok[2] is images[2] and y_ok.tolist() == [0, 1, 1]
+    with pytest.raises(ConfigError, match="mixing 1 PIL images with str items"):
+        ImageEmbedder(**SETTINGS).fit([images[0], paths[1]])
+    with pytest.raises(ConfigError, match=r"one PIL image \(pass a list"):
+        ImageEmbedder(**SETTINGS).fit(images[0])

@@ -463,3 +463,80 @@ def test_fifo_is_never_opened_to_sniff_or_hash(tmp_path):
         os.mkfifo(tmp_path / name)
         with pytest.raises(SourceError, match=f"{name}: not a folder or a regular file"):
             open_source(tmp_path / name)
+
+
+# -- PIL images ----------------------------------------------------------------------------
+
+
+def _pil_images() -> list[Image.Image]:
+    """In-memory images of several modes and sizes, none of them plain RGB."""
+    rng = np.random.default_rng(3)
+    rgba = Image.fromarray(rng.integers(0, 256, (9, 7, 4), dtype=np.uint8), "RGBA")
+    gray = Image.fromarray(rng.integers(0, 256, (5, 11), dtype=np.uint8), "L")
+    deep = Image.fromarray(rng.integers(0, 65536, (6, 6)).astype(np.uint16))
+    return [rgba, gray, gray.convert("P"), deep]
+
+
+def test_pil_images_are_a_source_decoded_like_files(tmp_path):
+    from featurepipe.decode import decode_image
+
+    images = _pil_images()
+    src = open_source(images, labels=["x", "y", "x", "y"])
+    assert src.kind == "pil" and src.paths is None and src.array is None
+    assert src.ids == ["image[0]", "image[1]", "image[2]", "image[3]"]
+    assert src.labels.tolist() == [0, 1, 0, 1]
+    for i, img in enumerate(images):  # the same pixels as the image written to a file and read
+        path = tmp_path / f"{i}.png"
+        img.save(path)
+        from_file = np.asarray(decode_image(path))
+        np.testing.assert_array_equal(np.asarray(src.load(i)), from_file)
+        assert src.load_tensor(i).permute(1, 2, 0).numpy().tolist() == from_file.tolist()
+    assert images[0].mode == "RGBA"  # the caller's image is left as it was
+    part = pickle.loads(pickle.dumps(src.subset([3, 1])))
+    assert part.kind == "pil" and part.ids == ["image[3]", "image[1]"]
+    np.testing.assert_array_equal(np.asarray(part.load(0)), np.asarray(src.load(3)))
+
+
+def test_pil_image_fingerprint_follows_the_pixels():
+    a, b, _, _ = _pil_images()
+    src = open_source([a, a.copy(), b, a.rotate(90, expand=True)])
+    fps = [src.fingerprint(i) for i in range(4)]
+    assert fps[0] == fps[1] and len(set(fps)) == 3 and fps[0].startswith("blake2b:")
+    changed = a.copy()
+    changed.putpixel((0, 0), (1, 2, 3, 4))
+    assert open_source([changed]).fingerprint(0) != fps[0]
+
+
+def test_pil_image_with_exif_orientation_is_turned_upright(tmp_path):
+    pixels = np.random.default_rng(4).integers(0, 256, (8, 12, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to view
+    Image.fromarray(pixels).save(tmp_path / "r.png", exif=exif.tobytes())
+    with Image.open(tmp_path / "r.png") as opened:
+        src = open_source([opened])
+        upright = src.load(0)
+        assert opened.size == (12, 8)
+    assert upright.size == (8, 12)
+
+
+def test_bad_pil_images_raise_decode_errors_naming_them(tmp_path):
+    import io
+
+    buf = io.BytesIO()
+    noise = np.random.default_rng(5).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(buf, format="JPEG")  # cut in half: the header stays whole
+    cut = Image.open(io.BytesIO(buf.getvalue()[: len(buf.getvalue()) // 2]))
+    src = open_source([Image.new("RGB", (1010, 10)), cut])
+    assert len({src.fingerprint(0), src.fingerprint(1)}) == 2  # hashing never raises
+    with pytest.raises(DecodeError, match=r"^image\[0\]: aspect ratio 1010:10 over the limit"):
+        src.load(0)
+    with pytest.raises(DecodeError, match=r"^image\[1\]: truncated$"):
+        src.load_tensor(1)
+
+
+def test_a_list_mixing_pil_images_and_paths_is_refused(tmp_path):
+    path = png(tmp_path / "a.png")
+    with pytest.raises(ConfigError, match=r"holds a PosixPath at position 1; pass one kind"):
+        open_source([Image.new("L", (3, 3)), path])
+    with pytest.raises(ConfigError, match=r"one PIL image\? pass a list"):
+        open_source(Image.new("L", (3, 3)))

@@ -26,7 +26,13 @@ from featurepipe.compare._curves import (
 )
 from featurepipe.compare._data import ids_digest
 from featurepipe.compare._measure import Measure
-from featurepipe.compare._output import curve_markdown, format_params, plot_compare, plot_curve
+from featurepipe.compare._output import (
+    compare_figure,
+    curve_markdown,
+    format_params,
+    plot_compare,
+    plot_curve,
+)
 from featurepipe.compare._pixels import PixelSpec, pixel_features
 from featurepipe.compare._stats import (
     accuracy_interval,
@@ -49,6 +55,7 @@ __all__ = [
     "TimeLimit",
     "accuracy_interval",
     "compare",
+    "compare_figure",
     "curve_markdown",
     "format_params",
     "ids_digest",

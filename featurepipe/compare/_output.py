@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -90,25 +91,101 @@ def _memory_note(rows: Sequence[Mapping[str, Any]]) -> str:
 
 def plot_compare(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike,
                  title: str = "") -> str:
-    """Accuracy against training time (log x), one marker per arm, coloured by family."""
-    fig = new_figure(7.0, 4.5)
-    ax = fig.add_subplot()
-    for r in rows:
+    """Write :func:`compare_figure` of ``rows`` to a PNG; returns the path."""
+    return save_figure(compare_figure(rows, title), path)
+
+
+def compare_figure(rows: Sequence[Mapping[str, Any]], title: str = "") -> Any:
+    """Test accuracy (with its 95% interval) and training time (log x) per arm, one row each.
+
+    Arm names are the y tick labels of two panels that share them, wrapped at separators to
+    :data:`LABEL_WIDTH` characters, and the figure grows with the number of arms and label lines,
+    so long names (``timm:...+svm-rbf``) stay readable however many arms there are; markers
+    are coloured by family.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        On the Agg backend, constrained layout; draw or save it.
+    """
+    labels = [wrap_label(f"{r['arm']} (n={r['n_train']})") for r in rows]
+    lines = max((label.count("\n") + 1 for label in labels), default=1)
+    row_inches = 0.12 + 0.16 * lines  # one 8-pt line is about 0.13 in with its spacing
+    fig = new_figure(9.0, 1.6 + row_inches * max(len(rows), 1))
+    ax_acc, ax_time = fig.subplots(1, 2, sharey=True, width_ratios=[3, 2])
+    y = np.arange(len(rows))[::-1]  # first arm on top, as in the table
+    for yi, r in zip(y, rows, strict=True):
         color, marker = _FAMILY_STYLE.get(r["family"], ("black", "x"))
-        x = max(float(r["train_seconds"]), 1e-3)
-        ax.scatter([x], [r["accuracy"]], color=color, marker=marker, s=40)
-        ax.annotate(f"{r['arm']} (n={r['n_train']})", (x, r["accuracy"]), fontsize=7,
-                    xytext=(4, 3), textcoords="offset points")
-    for family, (color, marker) in _FAMILY_STYLE.items():
-        if any(r["family"] == family for r in rows):
-            ax.scatter([], [], color=color, marker=marker, label=family)
+        ci = r.get("accuracy_ci95")
+        if ci:
+            ax_acc.plot(ci, [yi, yi], color=color, lw=1.5, alpha=0.6)
+        ax_acc.scatter([r["accuracy"]], [yi], color=color, marker=marker, s=36, zorder=3)
+        seconds = max(float(r["train_seconds"]), 1e-3)
+        ax_time.scatter([seconds], [yi], color=color, marker=marker, s=36, zorder=3)
+    ax_acc.set_yticks(y, labels, fontsize=8)
+    ax_acc.set_ylim(-0.6, len(rows) - 0.4)
+    ax_acc.set_xlabel("test accuracy (line: 95% interval)")
+    _log_seconds_axis(ax_time, [max(float(r["train_seconds"]), 1e-3) for r in rows])
+    ax_time.set_xlabel("training time, s (log scale)\nfit + making the training features")
+    ax_time.tick_params(axis="y", left=False)
+    for ax in (ax_acc, ax_time):
+        ax.grid(True, axis="x", which="major", alpha=0.3)
+        ax.tick_params(axis="x", labelsize=8)
+    handles = [ax_acc.scatter([], [], color=color, marker=marker, label=family)
+               for family, (color, marker) in _FAMILY_STYLE.items()
+               if any(r["family"] == family for r in rows)]
+    if handles:
+        fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=8)
+    fig.suptitle(title or "accuracy and training time per arm")
+    return fig
+
+
+def _log_seconds_axis(ax: Any, seconds: Sequence[float]) -> None:
+    """A log x axis of seconds with a few plain-number ticks (``0.5``, ``20``, ``1000``).
+
+    Matplotlib labels minor ticks in ``3 x 10^1`` form when no decade falls in view, and those
+    labels collide; the limits are padded by 2x each side so a 1-2-5 tick always falls in view,
+    and spans over two decades are labelled at decades only.
+    """
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    lo, hi = min(seconds, default=1.0) / 2, max(seconds, default=1.0) * 2
     ax.set_xscale("log")
-    ax.set_xlabel("training time, s (fit + training features; log scale)")
-    ax.set_ylabel("test accuracy")
-    ax.set_title(title or "accuracy vs training time")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    return save_figure(fig, path)
+    ax.set_xlim(lo, hi)
+    subs = (1.0, 2.0, 5.0) if np.log10(hi / lo) <= 2 else (1.0,)
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=subs, numticks=6))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+#: Characters per line of an arm's label in :func:`compare_figure`.
+LABEL_WIDTH = 34
+_LABEL_PIECES = re.compile(r"[^+:/_.\-\s]*(?:[+:/_.\-]|\s+|$)")
+
+
+def wrap_label(text: str, width: int = LABEL_WIDTH) -> str:
+    """Break ``text`` into lines of at most ``width`` characters, after a separator
+    (``+ : / _ . -`` or a space) where one is near, inside a longer piece otherwise.
+
+    Examples
+    --------
+    >>> print(wrap_label("timm:convnext_tiny.fb_in22k_ft_in1k+svm-rbf (n=400)", 20))
+    timm:convnext_tiny.
+    fb_in22k_ft_in1k+
+    svm-rbf (n=400)
+    """
+    lines: list[str] = []
+    line = ""
+    for piece in _LABEL_PIECES.findall(text):
+        if line and len(line) + len(piece.rstrip()) > width:
+            lines.append(line)
+            line = ""
+        line += piece
+        while len(line.rstrip()) > width:  # one piece longer than a line: cut it
+            lines.append(line[:width])
+            line = line[width:]
+    lines.append(line)
+    return "\n".join(part.strip() for part in lines if part.strip())
 
 
 def curve_markdown(arms: Sequence[str], sizes: Sequence[int], acc: np.ndarray) -> str:
