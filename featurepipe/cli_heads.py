@@ -21,6 +21,7 @@ import numpy as np
 
 from featurepipe.display import escape
 from featurepipe.exceptions import ConfigError, SourceError, SpecMismatchError
+from featurepipe.records import SkippedFile
 from featurepipe.store import FeatureStore
 
 __all__ = ["FitResult", "fit_store", "register"]
@@ -183,13 +184,11 @@ def _refuse_unlabelled(labels: np.ndarray, store: Any) -> None:
 
 
 def _split(labels: np.ndarray, test_size: float, seed: int, store: Any) -> np.ndarray:
-    from sklearn.model_selection import train_test_split
+    from featurepipe.splits import stratified_split
 
-    rows = np.arange(len(labels))
     try:
-        _, test_rows = train_test_split(rows, test_size=test_size, stratify=labels,
-                                        random_state=seed)
-    except ValueError as exc:
+        _, test_rows = stratified_split(labels, test_size, seed=seed)
+    except ConfigError as exc:
         raise ConfigError(f"{store}: cannot hold out a stratified {test_size:g} test split "
                           f"({exc}); use another --test-size, --test STORE2, or "
                           "--test-size 0") from None
@@ -385,10 +384,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     rows = [{"file": shown[pos], "label": best[0][0], "score": best[0][1],
              "top_k": [{"label": name, "score": s} for name, s in best]}
             for pos, best in zip(np.flatnonzero(emb.valid).tolist(), top, strict=True)]
-    skipped = [{"file": shown[pos], "reason": reason} for pos, _, reason in emb.skipped]
+    # Skipped images are named as the user gave them (a folder's images under the folder).
+    skipped = [SkippedFile(shown[pos], s.reason)
+               for pos, s in zip(emb.skipped_positions, emb.skipped, strict=True)]
     if args.json:
+        # predict's JSON names every image "file", the skipped ones too.
         _json({"model": args.model, "score_kind": model.score_kind, "predictions": rows,
-               "skipped": skipped})
+               "skipped": [{"file": s.id, "reason": s.reason} for s in skipped]})
     else:
         from featurepipe.report import markdown_table
 
@@ -400,8 +402,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
             print(markdown_table(table))
         if kind == "decision":
             print("(scores are decision-function values: this head has no probabilities)")
-        for item in skipped:
-            print(f"skipped {escape(item['file'])}: {escape(item['reason'])}")
+        for s in skipped:
+            print(f"skipped {escape(s.id)}: {escape(s.reason)}")
     if not rows:
         _say(f"featurepipe: error: none of the {len(paths)} images could be embedded")
         return 1
@@ -415,12 +417,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.plots:
         result["plots"] = [_plot_confusion(args.plots, y_true, y_pred, model.class_names)]
     if args.json:
-        _json({"model": args.model, "source": args.source, **result})
+        _json({"model": args.model, "source": args.source, **result,
+               "skipped": [s.to_dict() for s in result["skipped"]]})
         return 0
     print(f"evaluate {args.model} on {args.source}: {result['n_test']} images")
     _print_metrics(result)
-    for item in result["skipped"]:
-        print(f"skipped {item['id']}: {item['reason']}")
+    for s in result["skipped"]:
+        print(f"skipped {s.id}: {s.reason}")
     for path in result.get("plots", []):
         print(f"plot: {path}")
     return 0

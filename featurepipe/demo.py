@@ -93,11 +93,12 @@ def digits_images() -> tuple[np.ndarray, np.ndarray, list[str]]:
 
 def digits_data(n_test: int = 500) -> DemoData:
     """scikit-learn's 1,797 digits as uint8 8x8 images; a stratified ``n_test`` are the test set."""
-    from sklearn.model_selection import train_test_split
+    from featurepipe.splits import stratified_split
 
     images, labels, classes = digits_images()
-    train, test = train_test_split(np.arange(len(labels)), test_size=n_test, stratify=labels,
-                                   random_state=0)
+    # sort=False keeps scikit-learn's shuffled order: the nested per-class subsets are drawn
+    # from the training rows by position.
+    train, test = stratified_split(labels, n_test, seed=0, sort=False)
     return DemoData("digits", images[train], labels[train], images[test], labels[test], classes)
 
 

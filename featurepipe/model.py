@@ -49,6 +49,7 @@ from featurepipe.identity import (
     key_parts_from_attrs,
     library_versions,
 )
+from featurepipe.records import SkippedFile
 
 __all__ = ["KEY_PART_NAMES", "SKOPS_TRUSTED", "SPEC_PARTS", "Embedded", "ImageClassifier",
            "check_same_spec", "classification_metrics", "key_parts_from_attrs", "load_model",
@@ -116,12 +117,21 @@ def classification_metrics(y_true: Sequence[int] | np.ndarray, y_pred: Sequence[
 
 @dataclass
 class Embedded:
-    """Features of images: ``features[valid]`` are real; ``skipped``: (position, id, reason)."""
+    """Features of images: ``features[valid]`` are real, the other rows are zeros.
+
+    ``skipped`` holds one :class:`~featurepipe.records.SkippedFile` per invalid row, in row
+    order, so ``skipped[i]`` is the image at ``skipped_positions[i]``.
+    """
 
     features: np.ndarray
     ids: list[str]
     valid: np.ndarray
-    skipped: list[tuple[int, str, str]] = field(default_factory=list)
+    skipped: list[SkippedFile] = field(default_factory=list)
+
+    @property
+    def skipped_positions(self) -> list[int]:
+        """Row of each ``skipped`` record (the positions where ``valid`` is False)."""
+        return np.flatnonzero(~self.valid).tolist()
 
 
 class ImageClassifier:
@@ -202,15 +212,16 @@ class ImageClassifier:
         features, bad, ids = self._embedder.embed_positions(X)
         valid = np.ones(len(features), dtype=bool)
         valid[[pos for pos, _, _ in bad]] = False
-        return Embedded(features, ids, valid, bad)
+        return Embedded(features, ids, valid,
+                        [SkippedFile(id_, reason) for _, id_, reason in sorted(bad)])
 
     def _features(self, X: Any) -> np.ndarray:
         emb = self.embed(X)
         if emb.skipped:
-            pos, id_, reason = emb.skipped[0]
+            first = emb.skipped[0]
             more = f" (and {len(emb.skipped) - 1} more bad images)" if len(emb.skipped) > 1 else ""
-            raise DecodeError(id_, f"{reason}{more}; use embed() to get the good images' "
-                              "features and the list of bad ones")
+            raise DecodeError(first.id, f"{first.reason}{more}; use embed() to get the good "
+                              "images' features and the list of bad ones")
         return emb.features
 
     def _checked(self, F: Any, key_parts: Mapping[str, Any] | None) -> np.ndarray:
@@ -276,7 +287,8 @@ class ImageClassifier:
     def evaluate(self, X: Any) -> dict[str, Any]:
         """Metrics on a labelled folder or manifest; its classes are matched to the model's by name.
 
-        Bad images are left out and listed under ``skipped``.
+        Bad images are left out and listed under ``skipped``
+        (:class:`~featurepipe.records.SkippedFile` records).
         """
         from featurepipe.sources import open_source
 
@@ -298,7 +310,7 @@ class ImageClassifier:
         y_pred = np.array([index[name] for name in pred])
         result = classification_metrics(y_true, y_pred, self.class_names)
         result.update(n_test=int(keep.sum()), y_true=y_true, y_pred=y_pred,
-                      skipped=[{"id": i, "reason": r} for _, i, r in emb.skipped])
+                      skipped=list(emb.skipped))
         return result
 
     def _names(self, labels: np.ndarray) -> np.ndarray:

@@ -35,6 +35,7 @@ import numpy as np
 from featurepipe.atomic import TEMP_NAME_PATTERN, atomic_path, atomic_write
 from featurepipe.exceptions import ConfigError, StoreError, StoreLockedError
 from featurepipe.identity import FEATURE_FORMAT_VERSION, entry_key, featurepipe_version
+from featurepipe.records import SkippedFile
 from featurepipe.store_checks import (
     NON_FINITE_REASON,
     diagnose,
@@ -75,7 +76,7 @@ class FeatureSet:
     labels: np.ndarray
     ids: list[str]
     class_names: list[str]
-    skipped: list[tuple[str, str]]
+    skipped: list[SkippedFile]
     key: str
     attrs: dict = field(default_factory=dict)
 
@@ -425,11 +426,11 @@ class FeatureStore:
                 rows = np.flatnonzero(bad)
                 ids = _read_strings(group["ids"], rows[:3])
                 raise non_finite_error(self.path, key, ids, len(rows))
-            skipped = zip(
+            skipped = map(SkippedFile._make, zip(
                 _read_strings(group["skipped_ids"]),
                 _read_strings(group["skipped_reasons"]),
                 strict=True,
-            )
+            ))
             return FeatureSet(
                 features=features,
                 labels=group["labels"][()].astype(np.int64),
@@ -571,7 +572,8 @@ class FeatureStore:
         -------
         dict
             ``path, key, n_rows, dim, dtype, backbone, weights_sha256, layer, precision,
-            n_skipped, skipped`` (list of ``{id, reason}``), ``classes`` (class names),
+            n_skipped, skipped`` (list of :class:`~featurepipe.records.SkippedFile`; its
+            ``to_dict()`` gives the ``{id, reason}`` JSON form), ``classes`` (class names),
             ``class_counts`` ({name: rows}), ``n_labelled, created, updated, versions,
             preprocess, decode_policy, entries`` (list of ``{key, backbone, n_rows}``).
         """
@@ -583,7 +585,7 @@ class FeatureStore:
             classes = _read_strings(group["class_names"])
             counts = np.bincount(labels[labels >= 0], minlength=len(classes))
             skipped = [
-                {"id": i, "reason": r}
+                SkippedFile(i, r)
                 for i, r in zip(
                     _read_strings(group["skipped_ids"]),
                     _read_strings(group["skipped_reasons"]),

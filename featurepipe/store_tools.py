@@ -34,7 +34,8 @@ def describe_store(path: str | os.PathLike[str], key: str | None = None) -> dict
     -------
     dict
         ``path``; ``entries``: one :meth:`FeatureStore.info` dict per entry, with the entry's
-        stored attributes added (``spec``, ``decoder``, ``device``...); ``differs``:
+        stored attributes added (``spec``, ``decoder``, ``device``...) and ``skipped`` as
+        ``{id, reason}`` dicts (the whole result is JSON-ready); ``differs``:
         ``{setting: {key: value}}`` for each setting in :data:`COMPARED` whose values are not
         all equal (empty with one entry).
     """
@@ -45,6 +46,7 @@ def describe_store(path: str | os.PathLike[str], key: str | None = None) -> dict
         attrs = store.attrs(k)
         info = store.info(k)
         info.pop("entries", None)
+        info["skipped"] = [s.to_dict() for s in info["skipped"]]
         entries.append({**{n: v for n, v in attrs.items() if n not in info}, **info,
                         "decoder": attrs.get("decoder", "pil")})
     differs: dict[str, dict[str, Any]] = {}

@@ -262,3 +262,20 @@ def test_predict_and_evaluate_take_quiet(photos, tmp_path, capsys):
     assert code == 0 and len(json.loads(out)["predictions"]) == 6 and err == ""
     code, out, err = run(capsys, "evaluate", model, photos / "photos", "--quiet", "--json")
     assert code == 0 and json.loads(out)["n_test"] == 18 and err == ""
+
+
+def test_evaluate_lists_skipped_images_as_id_and_reason(photos, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    shutil.copytree(photos / "photos", folder)
+    (folder / "ant" / "broken.jpg").write_bytes(b"")
+    model = tmp_path / "knn.joblib"
+    assert run(capsys, "fit", photos / "photos.h5", "--head", "knn", "--cv", "2",
+               "--test-size", "0", "--out", model)[0] == 0
+    code, out, _ = run(capsys, "evaluate", model, folder, "--json")
+    assert code == 0
+    result = json.loads(out)
+    assert result["n_test"] == 18
+    broken = str(folder / "ant" / "broken.jpg")
+    assert result["skipped"] == [{"id": broken, "reason": "empty file"}]
+    code, out, _ = run(capsys, "evaluate", model, folder)
+    assert code == 0 and f"skipped {broken}: empty file" in out.splitlines()

@@ -28,6 +28,7 @@ from featurepipe.model import (
     load_model,
     save_model,
 )
+from featurepipe.records import SkippedFile
 from featurepipe.store import FeatureStore
 from tests.helpers import TINY, write_good_images
 
@@ -150,7 +151,9 @@ def test_bad_images_raise_from_predict_but_are_listed_by_embed(trained, mixed_fo
         model.predict(root)
     emb = model.embed(root)
     assert (~emb.valid).sum() == sum(1 for why in expected.values() if why)
-    assert all(reason for _, _, reason in emb.skipped)
+    assert all(isinstance(s, SkippedFile) and s.reason for s in emb.skipped)
+    assert emb.skipped_positions == np.flatnonzero(~emb.valid).tolist()
+    assert [s.id for s in emb.skipped] == [emb.ids[p] for p in emb.skipped_positions]
 
 
 # --------------------------------------------------------------------------- skops

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from featurepipe.exceptions import ConfigError, StoreError, StoreLockedError
+from featurepipe.records import SkippedFile
 from featurepipe.store import (
     FEATURE_FORMAT_VERSION,
     STORE_FORMAT_VERSION,
@@ -157,7 +158,10 @@ def test_info_fields(path: Path, abc: dict) -> None:
     assert info["backbone"] == "tiny-net" and info["weights_sha256"] == "ab" * 32
     assert info["layer"] is None and info["precision"] == "fp32"
     assert info["n_skipped"] == 1
-    assert info["skipped"] == [{"id": "bad.png", "reason": "not an image"}]
+    assert info["skipped"] == [SkippedFile("bad.png", "not an image")]
+    assert [s.to_dict() for s in info["skipped"]] == [{"id": "bad.png", "reason": "not an image"}]
+    loaded = FeatureStore(path).load()
+    assert all(isinstance(s, SkippedFile) for s in loaded.skipped)
     assert info["classes"] == CLASSES and info["class_counts"] == {"cat": 2, "dog": 1}
     assert info["n_labelled"] == 3
     assert info["created"] and info["updated"]

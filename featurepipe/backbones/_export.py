@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -13,6 +12,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from featurepipe.atomic import atomic_write, atomic_write_text, fsync_dir, temp_name
 from featurepipe.backbones._build import family_of
 from featurepipe.backbones._classifier import torchvision_head_path
 from featurepipe.backbones._spec import (
@@ -48,13 +48,6 @@ def _output_classes(model: nn.Module, family: str) -> int | None:
     except BackboneError:
         return None
     return getattr(head, "out_features", None) or getattr(head, "out_channels", None)
-
-
-def _write_synced(path: Path, write: Any) -> None:
-    with open(path, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _check_target(out: Path) -> None:
@@ -135,12 +128,12 @@ def export_finetuned(
     out = Path(out_dir).expanduser().resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     _check_target(out)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = temp_name(out)
     tmp.mkdir()
     try:
-        _write_synced(tmp / EXPORT_WEIGHTS_NAME, lambda f: torch.save(state, f))
-        text = json.dumps(config, indent=2, sort_keys=True).encode("utf-8")
-        _write_synced(tmp / EXPORT_CONFIG_NAME, lambda f: f.write(text))
+        atomic_write(tmp / EXPORT_WEIGHTS_NAME, lambda f: torch.save(state, f))
+        atomic_write_text(tmp / EXPORT_CONFIG_NAME,
+                          json.dumps(config, indent=2, sort_keys=True))
         _swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -151,9 +144,10 @@ def export_finetuned(
 def _swap_into_place(tmp: Path, out: Path) -> None:
     """``os.replace`` a finished directory onto ``out`` (an old export is moved aside first)."""
     if out.exists() and any(out.iterdir()):
-        old = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.old")
+        old = temp_name(out)
         os.replace(out, old)
         os.replace(tmp, out)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out)
+    fsync_dir(out.parent)

@@ -19,10 +19,11 @@ from typing import Any
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from featurepipe.compare._data import HOG, PIXELS, Part, ids_digest, stratified_subsample
+from featurepipe.compare._data import HOG, PIXELS, Part, ids_digest
 from featurepipe.compare._measure import Measure
 from featurepipe.exceptions import ConfigError
 from featurepipe.finetune.loop import Callback
+from featurepipe.splits import stratified_subsample
 
 #: name -> (features, head preset, parameter overrides of the preset's estimator).
 #: HOG + linear SVM forces liblinear's dual solver: with n_samples > n_features the preset's

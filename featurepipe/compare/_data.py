@@ -65,38 +65,6 @@ class Part:
         return ids_digest(self.ids)
 
 
-def stratified_split(labels: np.ndarray, test_size: float | int, seed: int
-                     ) -> tuple[np.ndarray, np.ndarray]:
-    """Stratified train/test positions of ``labels`` (each sorted)."""
-    from sklearn.model_selection import train_test_split
-
-    positions = np.arange(len(labels))
-    try:
-        train, test = train_test_split(positions, test_size=test_size, stratify=labels,
-                                       random_state=seed)
-    except ValueError as exc:
-        counts = dict(zip(*np.unique(labels, return_counts=True), strict=True))
-        raise ConfigError(
-            f"cannot make a stratified split with test_size={test_size!r} of {len(labels)} "
-            f"images (class counts {({int(k): int(v) for k, v in counts.items()})}): {exc}; "
-            "use more images per class, another test_size, or a separate test source") from None
-    return np.sort(train), np.sort(test)
-
-
-def stratified_subsample(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
-    """Positions of a stratified random subsample of ``n`` rows (all rows if ``n >= len``)."""
-    from sklearn.model_selection import train_test_split
-
-    if n >= len(labels):
-        return np.arange(len(labels))
-    positions = np.arange(len(labels))
-    try:
-        keep, _ = train_test_split(positions, train_size=n, stratify=labels, random_state=seed)
-    except ValueError:  # a class too small to stratify at this size: plain random subsample
-        keep = np.random.default_rng(seed).choice(positions, size=n, replace=False)
-    return np.sort(keep)
-
-
 def per_class_subsample(labels: np.ndarray, n_per_class: int, seed: int) -> np.ndarray:
     """Positions of ``n_per_class`` random rows of every class (a learning-curve point)."""
     rng = np.random.default_rng(seed)

@@ -15,11 +15,11 @@ from featurepipe.compare._data import (
     EmbedLog,
     Part,
     embed_for_compare,
-    stratified_split,
 )
 from featurepipe.compare._pixels import PixelSpec, pixel_features
 from featurepipe.exceptions import ConfigError
 from featurepipe.sources import ImageSource, open_source
+from featurepipe.splits import stratified_split
 
 
 @dataclass
@@ -112,7 +112,9 @@ def _split(sides: list[_Side], test_size: float | int, seed: int) -> tuple[Part,
     if len(parts) == 2:
         return parts[0], parts[1], "fixed test source"
     whole = parts[0]
-    tr, te = stratified_split(whole.labels, test_size, seed)
+    tr, te = stratified_split(
+        whole.labels, test_size, seed=seed,
+        hint="use more images per class, another test_size, or a separate test source")
     return whole.take(tr), whole.take(te), f"stratified {_fraction(test_size)} test split"
 
 

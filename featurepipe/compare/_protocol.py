@@ -18,9 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from featurepipe.compare._data import Part, stratified_split
+from featurepipe.compare._data import Part
 from featurepipe.compare._stats import paired_comparison
 from featurepipe.exceptions import ConfigError
+from featurepipe.splits import stratified_split
 
 __all__ = [
     "HEADLINE_PAIRS",
@@ -62,7 +63,8 @@ def validation_split(train: Part, val_size: float | int, seed: int) -> tuple[Par
     if n - count < n_classes:
         raise ConfigError(f"{n} training images are too few for a validation holdout of "
                           f"{count} with {n_classes} classes; add images or lower val_size")
-    fit, val = stratified_split(train.labels, count, seed)
+    fit, val = stratified_split(train.labels, count, seed=seed, what="validation holdout",
+                                hint="add images to the smallest class")
     return train.take(fit), train.take(val)
 
 

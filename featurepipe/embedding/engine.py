@@ -38,7 +38,6 @@ from featurepipe.embedding.sink import ShardSink
 from featurepipe.exceptions import SpecMismatchError, StoreError
 from featurepipe.gpu_decode import check_decoder
 from featurepipe.identity import closest_entry, entry_key, key_parts, library_versions
-from featurepipe.records import SkippedFile
 from featurepipe.sources import ImageSource, open_source
 from featurepipe.store import FeatureStore
 
@@ -181,7 +180,7 @@ def run_embed(source: Any, store: str | os.PathLike | FeatureStore, backbone: Ba
         store=str(fs.path), key=key, backbone=desc.spec.name, n_total=len(src),
         n_rows=result.n_rows, n_computed=n_pending, n_reused=result.n_reused,
         n_skipped=result.n_skipped, n_dropped=result.n_dropped,
-        skipped=[SkippedFile(d["id"], d["reason"]) for d in info["skipped"]],
+        skipped=list(info["skipped"]),
         seconds=seconds, images_per_second=n_pending / seconds if n_pending else 0.0,
         device=str(dev), precision=prec, n_resumed=plan.n_todo - n_pending,
         compiled=bool(extra.get("compiled", False)),

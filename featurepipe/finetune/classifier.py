@@ -21,8 +21,8 @@ from featurepipe.finetune.callbacks import Checkpoint, EarlyStopping, ProgressBa
 from featurepipe.finetune.checkpoint import load_checkpoint, set_rng_state
 from featurepipe.finetune.data import (
     ImageDataset,
+    classifier_targets,
     data_fingerprint,
-    encode_labels,
     scan_decodable,
     split_indices,
 )
@@ -198,7 +198,7 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         device = resolve_device(self.device)
         precision = resolve_precision(self.precision, device)
         source = open_source(X)
-        classes, codes = encode_labels(source, y)
+        classes, codes = classifier_targets(source, y)
         ckpt = self._load_resume_checkpoint()
         if ckpt is not None:
             self._check_resume_params(ckpt)
@@ -438,7 +438,7 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
             from featurepipe.sources import open_source
 
             source = open_source(X)
-            names, codes = encode_labels(source, None)
+            names, codes = classifier_targets(source, None)
             y, X = names[codes], source
         return super().score(X, y, sample_weight=sample_weight)
 

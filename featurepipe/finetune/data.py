@@ -17,11 +17,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from featurepipe.exceptions import ConfigError, DecodeError, FeaturePipeWarning
+from featurepipe.splits import stratified_split
 
 __all__ = [
     "ImageDataset",
+    "classifier_targets",
     "data_fingerprint",
-    "encode_labels",
     "scan_decodable",
     "split_indices",
 ]
@@ -99,8 +100,12 @@ def scan_decodable(source: Any, indices: Sequence[int], policy: Any, target_size
     return good, bad
 
 
-def encode_labels(source: Any, y: Any | None) -> tuple[np.ndarray, np.ndarray]:
+def classifier_targets(source: Any, y: Any | None) -> tuple[np.ndarray, np.ndarray]:
     """``(classes, encoded)``: class labels as the user knows them and int codes per source row.
+
+    Not :func:`featurepipe.sources.encode_labels`: with ``y`` the classes keep ``y``'s own values
+    and dtype (scikit-learn's ``classes_`` contract), where a source turns labels into class-name
+    strings.
 
     With ``y`` the classes are ``np.unique(y)``; without, the source's own labels (folder names,
     manifest labels) are used and unlabelled rows are an error.
@@ -132,22 +137,17 @@ def split_indices(indices: Sequence[int], codes: np.ndarray, val_size: float | i
                   random_state: int) -> tuple[list[int], list[int]]:
     """Stratified train/validation split of ``indices`` (codes aligned with ``indices``).
 
-    Falls back to an unstratified split, with a :class:`FeaturePipeWarning`, when a class has fewer
-    than 2 images or the validation set is smaller than the number of classes.
+    The validation part only steers training (early stopping, the best epoch), so when a class
+    has fewer than 2 images or the validation set is smaller than the number of classes the split
+    falls back to an unstratified one with a :class:`FeaturePipeWarning`
+    (:func:`featurepipe.splits.stratified_split` with ``fallback="random"``).
     """
-    from sklearn.model_selection import train_test_split
-
     indices = list(indices)
     if not val_size:
         return indices, []
-    try:
-        train, val = train_test_split(indices, test_size=val_size, stratify=codes,
-                                      random_state=random_state)
-    except ValueError as exc:
-        warnings.warn(f"validation split is not stratified ({exc})", FeaturePipeWarning,
-                      stacklevel=3)
-        train, val = train_test_split(indices, test_size=val_size, random_state=random_state)
-    return sorted(train), sorted(val)
+    train, val = stratified_split(codes, val_size, seed=random_state, fallback="random",
+                                  what="validation split")
+    return sorted(indices[i] for i in train.tolist()), sorted(indices[i] for i in val.tolist())
 
 
 def data_fingerprint(source: Any, indices: Sequence[int], codes: Sequence[int] | np.ndarray) -> str:

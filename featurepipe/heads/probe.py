@@ -33,9 +33,11 @@ from numpy.typing import ArrayLike
 from scipy.optimize import minimize
 from scipy.special import logsumexp
 from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.model_selection import StratifiedKFold, StratifiedShuffleSplit
+from sklearn.model_selection import StratifiedKFold
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
+
+from featurepipe.splits import stratified_split
 
 __all__ = ["DEFAULT_CS", "LogisticProbeCV", "fit_multinomial"]
 
@@ -244,15 +246,12 @@ class LogisticProbeCV(ClassifierMixin, BaseEstimator):
         smallest = int(np.bincount(codes).min())
         if smallest < 2:
             return []
-        index = np.zeros(len(codes))
         if len(codes) >= self.split_threshold:
-            splitter: Any = StratifiedShuffleSplit(
-                n_splits=1, test_size=self.val_size, random_state=self.random_state)
-        else:
-            splitter = StratifiedKFold(
-                n_splits=min(int(self.cv), smallest), shuffle=True,
-                random_state=self.random_state)
-        return list(splitter.split(index, codes))
+            return [stratified_split(codes, self.val_size, seed=self.random_state, sort=False,
+                                     what="validation split")]
+        folds = StratifiedKFold(n_splits=min(int(self.cv), smallest), shuffle=True,
+                                random_state=self.random_state)
+        return list(folds.split(np.zeros(len(codes)), codes))
 
     def _search(
         self, X: np.ndarray, codes: np.ndarray, k: int, cs: list[float],
