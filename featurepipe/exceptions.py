@@ -19,6 +19,8 @@ __all__ = [
     "SpecMismatchError",
     "StoreError",
     "StoreLockedError",
+    "WorkerError",
+    "WriteError",
 ]
 
 
@@ -53,6 +55,18 @@ class StoreError(FeaturePipeError, OSError):
 
 class StoreLockedError(StoreError, TimeoutError):
     """Another process is writing the same feature store."""
+
+
+class WriteError(FeaturePipeError, OSError):
+    """A file could not be written (full disk, no permission); the message names the path.
+
+    ``errno`` and ``strerror`` are the failed call's, so ``except OSError`` code that looks at
+    them keeps working.
+    """
+
+
+class WorkerError(FeaturePipeError, RuntimeError):
+    """Decode worker processes died, or no batch came from them within the time allowed."""
 
 
 class SpecMismatchError(FeaturePipeError, ValueError):

@@ -534,3 +534,40 @@ def test_run_files_follow_the_umask(tmp_path: Path) -> None:
         os.umask(old)
     for name in ("checkpoint.pt", "history.json", "metrics.json", "history.png"):
         assert (tmp_path / "ft" / name).stat().st_mode & 0o777 == 0o640, name
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="finds the file by /proc/self/fd")
+@pytest.mark.parametrize("name", ["checkpoint.pt", "history.json"])
+def test_full_disk_during_finetune_is_one_line_and_keeps_the_old_file(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        name: str) -> None:
+    """The second epoch's ``name`` meets a full disk (ENOSPC from fsync, as on a real one)."""
+    import errno
+
+    from featurepipe.cli import main
+    from tests.helpers import write_good_images
+
+    write_good_images(tmp_path / "photos" / "a", 4, seed=0)
+    write_good_images(tmp_path / "photos" / "b", 4, seed=1)
+    out = tmp_path / "ft"
+    target = out / name
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        written = os.readlink(f"/proc/self/fd/{fd}")
+        if Path(written).name.startswith(f"{name}.tmp-") and target.exists():
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    code = main(["finetune", str(tmp_path / "photos"), "--out", str(out), "--backbone",
+                 TINY["backbone"], "--weights", "random", "--image-size", "32", "--epochs", "2",
+                 "--batch-size", "4", "--val-size", "4", "--precision", "fp32", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err == f"featurepipe: error: cannot write {target}: no space left on device\n"
+    if name == "checkpoint.pt":
+        assert load_checkpoint(target)["trainer"]["epoch"] == 1
+    else:
+        assert [r["epoch"] for r in json.loads(target.read_text())] == [1]
+    assert not [p.name for p in out.rglob("*.tmp-*")]
