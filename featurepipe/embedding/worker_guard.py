@@ -12,7 +12,8 @@ and the loader waits for a batch at most :data:`WORKER_TIMEOUT_S` seconds. See
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import TypeVar
 
 from featurepipe.exceptions import ConfigError, WorkerError
 
@@ -22,9 +23,12 @@ __all__ = [
     "WORKER_TIMEOUT_S",
     "check_shared_memory",
     "in_flight_bytes",
+    "one_line_failures",
     "shm_free_bytes",
     "worker_failure",
 ]
+
+T = TypeVar("T")
 
 #: Where torch's worker processes put the batches they pass on (Linux).
 SHM_PATH = "/dev/shm"  # noqa: S108 - a fixed system path, not a temp file
@@ -112,12 +116,13 @@ def check_shared_memory(workers: int, batch_sizes: Sequence[int], input_size: tu
                if device_type == "cpu" else
                "use --workers 0 to decode in the main process (no shared memory)")
     fewer = f", use --workers {fits} or fewer" if fits > 0 else ""
+    in_flight = min(workers * prefetch, len(batch_sizes))
     raise ConfigError(
-        f"--workers {workers} needs about {_mib(need)} of shared memory for the batches in "
-        f"flight ({workers} workers x {prefetch} batches x {max(batch_sizes)} images of "
-        f"3x{height}x{width} bytes) but {os.fspath(shm_path)} has {_mib(free)} free, so a "
-        f"worker would fail to hand its batch over; {instead}{fewer}, lower --batch-size, or "
-        f"enlarge {os.fspath(shm_path)} (docker run --shm-size=...)")
+        f"--workers {workers} needs about {_size(need)} of shared memory for up to {in_flight} "
+        f"batches in flight ({workers} workers x {prefetch} decoded ahead, {max(batch_sizes)} "
+        f"crops of 3x{height}x{width} bytes each) but {os.fspath(shm_path)} has {_size(free)} "
+        f"free, so a worker would fail to hand its batch over; {instead}{fewer}, lower "
+        f"--batch-size, or enlarge {os.fspath(shm_path)} (docker run --shm-size=...)")
 
 
 def worker_failure(exc: BaseException, timeout: float) -> WorkerError | None:
@@ -134,5 +139,19 @@ def worker_failure(exc: BaseException, timeout: float) -> WorkerError | None:
         "threads (on a CPU)")
 
 
-def _mib(nbytes: int) -> str:
+def one_line_failures(items: Iterator[T], timeout: float) -> Iterator[T]:
+    """``items``, with a DataLoader's own failure raised as :func:`worker_failure`'s line."""
+    try:
+        yield from items
+    except RuntimeError as exc:
+        error = worker_failure(exc, timeout)
+        if error is None:
+            raise
+        raise error from exc
+
+
+def _size(nbytes: int) -> str:
+    """``nbytes`` in MiB, or in KiB below one MiB (a tiny run must not read "0.0 MiB")."""
+    if nbytes < 2**20:
+        return f"{nbytes / 2**10:.1f} KiB"
     return f"{nbytes / 2**20:.1f} MiB"

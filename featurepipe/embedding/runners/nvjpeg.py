@@ -34,13 +34,8 @@ class NvjpegRunner(Runner):
             work.pixels, range(n), source.paths, [list(b) for b in work.batches],
             work.backbone.preprocess, work.pixels.policy.max_pixels, work.device,
             workers=workers, timeout=self.timeout)
-        try:
-            yield from run_loader(self.loader, model, work)
-        except RuntimeError as exc:
-            error = worker_guard.worker_failure(exc, self.timeout)
-            if error is None:
-                raise
-            raise error from exc
+        batches = run_loader(self.loader, model, work)
+        yield from worker_guard.one_line_failures(batches, self.timeout)
 
 
 RUNNER = NvjpegRunner

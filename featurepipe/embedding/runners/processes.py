@@ -41,13 +41,7 @@ class ProcessesRunner(Runner):
                             pin_memory=work.device.type == "cuda", persistent_workers=False,
                             prefetch_factor=worker_guard.PREFETCH if n else None,
                             timeout=self.timeout if n else 0)
-        try:
-            yield from run_loader(loader, model, work)
-        except RuntimeError as exc:
-            error = worker_guard.worker_failure(exc, self.timeout)
-            if error is None:
-                raise
-            raise error from exc
+        yield from worker_guard.one_line_failures(run_loader(loader, model, work), self.timeout)
 
 
 def workers_that_fit(work: Work) -> int:
