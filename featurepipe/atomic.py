@@ -7,7 +7,8 @@ in the same folder (two processes writing one file never share a temp file), flu
 error the temp file is removed and the old file is left as it was. The new file gets the mode a
 plain ``open(path, "w")`` would give it (``0o666`` less the umask).
 
-An ``OSError`` while writing (a full disk, a quota, no permission) comes out as a
+An ``OSError`` while writing (a full disk, a quota, no permission; also when a writer such as
+``torch.save`` turned it into a ``RuntimeError``) comes out as a
 :class:`~featurepipe.exceptions.WriteError`: still an ``OSError`` with the same ``errno``, but
 its message names the file the caller asked for (not the temp file) and says "no space left on
 device" for a full disk or quota, so every writer's caller can print it as the one line it is.
@@ -38,6 +39,21 @@ def temp_name(path: str | os.PathLike[str]) -> Path:
     return path.with_name(f"{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
 
 
+def _os_error(exc: BaseException) -> OSError | None:
+    """The ``OSError`` of a failed write: ``exc`` itself, or the one a ``RuntimeError`` was
+    raised while handling (``torch.save`` reports a failed ``write`` of its file object as
+    ``RuntimeError: [enforce fail ...] unexpected pos``). featurepipe's own errors pass."""
+    if isinstance(exc, FeaturePipeError):
+        return None
+    if isinstance(exc, OSError):
+        return exc
+    if isinstance(exc, RuntimeError):
+        inner = exc.__cause__ or exc.__context__
+        if isinstance(inner, OSError) and not isinstance(inner, FeaturePipeError):
+            return inner
+    return None
+
+
 def _write_error(path: Path, exc: OSError) -> WriteError:
     """``exc`` from writing ``path`` as one line naming ``path``.
 
@@ -47,10 +63,8 @@ def _write_error(path: Path, exc: OSError) -> WriteError:
     """
     no_space = exc.errno in (errno.ENOSPC, errno.EDQUOT) or "errno = 28" in str(exc)
     why = "no space left on device" if no_space else (exc.strerror or str(exc))
-    error = WriteError(f"cannot write {path}: {why}")
-    error.errno = errno.ENOSPC if no_space and exc.errno is None else exc.errno
-    error.strerror, error.filename = why, str(path)
-    return error
+    code = errno.ENOSPC if no_space and exc.errno is None else exc.errno
+    return WriteError(f"cannot write {path}: {why}", code, why, str(path))
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
@@ -87,8 +101,9 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         os.replace(tmp, path)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError) and not isinstance(exc, FeaturePipeError):
-            raise _write_error(path, exc) from exc
+        failed = _os_error(exc)
+        if failed is not None:
+            raise _write_error(path, failed) from exc
         raise
     fsync_dir(path.parent)
 
@@ -113,8 +128,9 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], obje
         os.replace(tmp, path)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError) and not isinstance(exc, FeaturePipeError):
-            raise _write_error(path, exc) from exc
+        failed = _os_error(exc)
+        if failed is not None:
+            raise _write_error(path, failed) from exc
         raise
     fsync_dir(path.parent)
 

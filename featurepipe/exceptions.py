@@ -60,9 +60,18 @@ class StoreLockedError(StoreError, TimeoutError):
 class WriteError(FeaturePipeError, OSError):
     """A file could not be written (full disk, no permission); the message names the path.
 
-    ``errno`` and ``strerror`` are the failed call's, so ``except OSError`` code that looks at
-    them keeps working.
+    ``errno`` is the failed call's and ``strerror`` the reason alone, so ``except OSError`` code
+    that looks at them keeps working; ``str()`` is the one-line message.
     """
+
+    def __init__(self, message: str, errno: int | None = None, strerror: str | None = None,
+                 filename: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.errno, self.strerror, self.filename = errno, strerror, filename
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class WorkerError(FeaturePipeError, RuntimeError):
