@@ -6,16 +6,25 @@ in the same folder (two processes writing one file never share a temp file), flu
 ``os.replace``-d over the target, and the folder fsynced so the rename survives a crash. On any
 error the temp file is removed and the old file is left as it was. The new file gets the mode a
 plain ``open(path, "w")`` would give it (``0o666`` less the umask).
+
+An ``OSError`` while writing (a full disk, a quota, no permission; also when a writer such as
+``torch.save`` turned it into a ``RuntimeError``) comes out as a
+:class:`~featurepipe.exceptions.WriteError`: still an ``OSError`` with the same ``errno``, but
+its message names the file the caller asked for (not the temp file) and says "no space left on
+device" for a full disk or quota, so every writer's caller can print it as the one line it is.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
+
+from featurepipe.exceptions import FeaturePipeError, WriteError
 
 __all__ = ["TEMP_NAME_PATTERN", "atomic_path", "atomic_write", "atomic_write_bytes",
            "atomic_write_text", "fsync_dir", "temp_name"]
@@ -28,6 +37,34 @@ def temp_name(path: str | os.PathLike[str]) -> Path:
     """A temp path beside ``path`` that no other process or thread picks: ``NAME.tmp-PID-HEX``."""
     path = Path(path)
     return path.with_name(f"{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def _os_error(exc: BaseException) -> OSError | None:
+    """The ``OSError`` of a failed write: ``exc`` itself, or the one a ``RuntimeError`` was
+    raised while handling (``torch.save`` reports a failed ``write`` of its file object as
+    ``RuntimeError: [enforce fail ...] unexpected pos``). featurepipe's own errors pass."""
+    if isinstance(exc, FeaturePipeError):
+        return None
+    if isinstance(exc, OSError):
+        return exc
+    if isinstance(exc, RuntimeError):
+        inner = exc.__cause__ or exc.__context__
+        if isinstance(inner, OSError) and not isinstance(inner, FeaturePipeError):
+            return inner
+    return None
+
+
+def _write_error(path: Path, exc: OSError) -> WriteError:
+    """``exc`` from writing ``path`` as one line naming ``path``.
+
+    ``errno`` is kept and ``strerror`` holds the reason alone, so a caller that words its own
+    line from them (``store_checks.write_error``) does not repeat the path. h5py may report a
+    full disk only in its text, as HDF5's ``errno = 28``.
+    """
+    no_space = exc.errno in (errno.ENOSPC, errno.EDQUOT) or "errno = 28" in str(exc)
+    why = "no space left on device" if no_space else (exc.strerror or str(exc))
+    code = errno.ENOSPC if no_space and exc.errno is None else exc.errno
+    return WriteError(f"cannot write {path}: {why}", code, why, str(path))
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
@@ -62,8 +99,11 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         yield tmp
         _fsync_file(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        failed = _os_error(exc)
+        if failed is not None:
+            raise _write_error(path, failed) from exc
         raise
     fsync_dir(path.parent)
 
@@ -86,8 +126,11 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], obje
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        failed = _os_error(exc)
+        if failed is not None:
+            raise _write_error(path, failed) from exc
         raise
     fsync_dir(path.parent)
 

@@ -19,6 +19,8 @@ __all__ = [
     "SpecMismatchError",
     "StoreError",
     "StoreLockedError",
+    "WorkerError",
+    "WriteError",
 ]
 
 
@@ -53,6 +55,27 @@ class StoreError(FeaturePipeError, OSError):
 
 class StoreLockedError(StoreError, TimeoutError):
     """Another process is writing the same feature store."""
+
+
+class WriteError(FeaturePipeError, OSError):
+    """A file could not be written (full disk, no permission); the message names the path.
+
+    ``errno`` is the failed call's and ``strerror`` the reason alone, so ``except OSError`` code
+    that looks at them keeps working; ``str()`` is the one-line message.
+    """
+
+    def __init__(self, message: str, errno: int | None = None, strerror: str | None = None,
+                 filename: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.errno, self.strerror, self.filename = errno, strerror, filename
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class WorkerError(FeaturePipeError, RuntimeError):
+    """Decode worker processes died, or no batch came from them within the time allowed."""
 
 
 class SpecMismatchError(FeaturePipeError, ValueError):

@@ -156,12 +156,13 @@ class GPUDecodeLoader:
 
     def __init__(self, dataset: Any, indices: Sequence[int], paths: Sequence[str] | None,
                  batches: Iterable[list[int]], preprocess: Any, max_pixels: int,
-                 device: torch.device, workers: int = 8) -> None:
+                 device: torch.device, workers: int = 8, timeout: float = 0) -> None:
         from featurepipe.backbones import ResizeCenterCrop
 
         self.dataset, self.indices, self.paths = dataset, list(indices), paths
         self.batches = batches
         self.device, self.workers = device, workers
+        self.timeout = timeout  # seconds to wait for one batch from the workers (0: forever)
         self.max_pixels = max_pixels
         # On tensors this is torchvision's Resize + CenterCrop, batched or not.
         self.resize = ResizeCenterCrop(preprocess.resize_size, preprocess.input_size,
@@ -175,7 +176,8 @@ class GPUDecodeLoader:
         encoded = DataLoader(
             _EncodedFiles(self.dataset, self.paths, self.max_pixels),
             batch_sampler=self.batches, num_workers=self.workers,
-            collate_fn=_collate_encoded, prefetch_factor=4 if self.workers else None)
+            collate_fn=_collate_encoded, prefetch_factor=4 if self.workers else None,
+            timeout=self.timeout if self.workers else 0)
         if self.device.type != "cuda":  # tests: torchvision decodes JPEG batches on the CPU too
             for batch in encoded:
                 yield self._batch(batch)

@@ -2,10 +2,11 @@
 
     python tests/_finetune_worker.py DATA.npz CHECKPOINT_DIR PARAMS_JSON MODE
 
-MODE ``slow-epochs``: epochs after the first sleep on every batch, so the parent can SIGKILL the
-process mid-epoch once the first checkpoint exists. MODE ``hang-in-save``: the second checkpoint
-write stops halfway (after writing some bytes to the temp file) and hangs, so the parent can
-SIGKILL the process in the middle of a checkpoint write.
+MODE ``slow-epochs``: the first batch after the first epoch hangs, so the parent can SIGKILL the
+process mid-epoch once the first checkpoint exists (and the run can never finish first).
+MODE ``hang-in-save``: the second checkpoint write stops halfway (after writing some bytes to
+the temp file) and hangs, so the parent can SIGKILL the process in the middle of a checkpoint
+write.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def main() -> None:
     class SlowEpochs(Callback):
         def on_batch_end(self, trainer, batch):  # noqa: ANN001 - test helper
             if trainer.epoch >= 1:
-                time.sleep(0.5)
+                time.sleep(3600)  # until killed
 
     callbacks = []
     if mode == "slow-epochs":
@@ -46,7 +47,7 @@ def main() -> None:
             f.write(b"PK\x03\x04 half a checkpoint")
             f.flush()
             Path(ckpt_dir, "WRITING").write_text("1")
-            time.sleep(120)
+            time.sleep(3600)  # until killed
             raise SystemExit(3)
 
         torch.save = hanging_save

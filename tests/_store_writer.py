@@ -4,7 +4,8 @@ Usage::
 
     python _store_writer.py loop PATH N DIM SEED   # commit KEY_B once, then KEY_A over and over
     python _store_writer.py stall PATH N DIM SEED  # commit KEY_B, then hang mid-way writing KEY_A
-    python _store_writer.py hold PATH KEY SECONDS  # take the lock, sleep, commit a small entry
+    python _store_writer.py hold PATH KEY  # take the lock, wait for a line on stdin, commit a
+                                           # small entry
     python _store_writer.py fill PATH N DIM reserve|noreserve  # commit KEY_B, then KEY_A until
                                                    # the disk is full; "error: ..." and exit 1
 
@@ -78,11 +79,11 @@ def main(argv: list[str]) -> None:
         featurepipe.store._write_features = stall
         commit_variant(path, KEY_A, n, dim, seed, 0)
     elif mode == "hold":
-        key, seconds = argv[2], float(argv[3])
+        key = argv[2]
         store = FeatureStore(path)
         with store.writer(key, ATTRS, lock_timeout=0) as w:
             print("locked", flush=True)
-            time.sleep(seconds)
+            sys.stdin.readline()  # until the test says so: no race with its scheduling
             w.write_shard("s0", ["x", "y"], ["1", "1"], np.ones((2, 4), np.float32))
             w.commit([("x", "1", 0), ("y", "1", 1)], ["a", "b"])
         print("done", flush=True)

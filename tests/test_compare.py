@@ -83,8 +83,9 @@ def test_every_arm_reports_every_metric(run):
         assert 0.0 <= low <= r["accuracy"] <= high <= 1.0
         assert 0.0 <= r["val_accuracy"] <= 1.0 and r["n_val"] == res.split["n_val"] > 0
         assert isinstance(r["converged"], bool)
-        assert r["fit_seconds"] > 0 and r["train_seconds"] >= r["fit_seconds"]
-        assert r["predict_ms_per_image"] > 0
+        # durations: >= 0, as a coarse clock can read 0.0 for a fast step
+        assert r["fit_seconds"] >= 0 and r["train_seconds"] >= r["fit_seconds"]
+        assert r["predict_ms_per_image"] >= 0
         assert r["peak_mib"] >= 0 and r["memory_method"] in ("rss_hwm_delta", "tracemalloc_peak")
         assert r["n_test"] == res.split["n_test"]
     assert [e["backbone"] for e in res.embedding] == [TINY["backbone"]]  # reported once

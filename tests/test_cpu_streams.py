@@ -50,8 +50,9 @@ def test_every_batch_comes_back_once_with_its_own_features():
         positions = [i - 1000 for i in idx]
         assert reasons == ["truncated" if k in (3, 17) else "" for k in positions]
         assert feats[:, 0].tolist() == [k for k in positions if k not in (3, 17)]
-    # Every stream ran the initializer, and every thread that decoded was one of them. (Which
-    # streams get batches is the scheduler's choice: one may take them all on a busy machine.)
+    # Every stream runs the initializer before it looks for work, and the consumer waits for
+    # every stream to end, so all three ran it; which streams got batches is the scheduler's
+    # choice (one may take them all on a busy machine), so only "one of them" is asserted.
     assert len(seen_init) == 3 and data.threads <= set(seen_init)
 
 
@@ -63,32 +64,41 @@ def test_no_more_streams_than_batches_and_none_for_no_work():
 
 
 def test_a_stream_error_is_raised_in_the_consumer_and_every_stream_stops():
-    before = threading.active_count()
     data = NumberedImages(boom=9)
     batches = [list(range(s, s + 2)) for s in range(0, 40, 2)]
+    streams: list[threading.Thread] = []  # each stream runs the initializer first
     with pytest.raises(RuntimeError, match="decoder crashed on 9"):
-        list(CoreStreams(data, batches, first_pixel, streams=2))
-    assert threading.active_count() == before
+        list(CoreStreams(data, batches, first_pixel, streams=2,
+                         initializer=lambda: streams.append(threading.current_thread())))
+    assert len(streams) == 2 and not any(t.is_alive() for t in streams)
 
 
 def test_closing_early_stops_the_streams_after_their_current_batch():
-    import time
-
-    before = threading.active_count()
+    """Every forward pass but the first waits for the streams' stop event, so however the
+    threads are scheduled, nothing can run past a batch begun before close() stops them."""
     data = NumberedImages()
-    decoded = []
+    lock, started = threading.Lock(), []
+    stop_known = threading.Event()
+    found: dict[str, threading.Event] = {}
 
-    def slow(x: torch.Tensor, reasons: list[str]) -> np.ndarray:
-        decoded.append(len(reasons))
-        time.sleep(0.005)
+    def held(x: torch.Tensor, reasons: list[str]) -> np.ndarray:
+        with lock:
+            started.append(len(reasons))
+            first = len(started) == 1
+        if not first:
+            stop_known.wait()
+            found["stop"].wait()  # set by close(), and by nothing else
         return first_pixel(x, reasons)
 
     batches = [list(range(s, s + 2)) for s in range(0, 400, 2)]
-    it = iter(CoreStreams(data, batches, slow, streams=2))
+    streams: list[threading.Thread] = []
+    it = iter(CoreStreams(data, batches, held, streams=2,
+                          initializer=lambda: streams.append(threading.current_thread())))
     next(it)
+    # The suspended generator's stop event: what close() sets to end the streams.
+    found["stop"] = it.gi_frame.f_locals["stop"]
+    stop_known.set()
     it.close()
-    assert threading.active_count() == before
-    # The batches not started are dropped at close: at most the ones the streams were on when
-    # the consumer closed, far fewer than all (each takes 5 ms; finishing them all would need
-    # the consumer to be starved for a second).
-    assert len(decoded) < len(batches)
+    assert len(streams) == 2 and not any(t.is_alive() for t in streams)
+    # The first batch, and at most the one each stream was on when close() came.
+    assert 1 <= len(started) <= 1 + len(streams)

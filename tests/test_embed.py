@@ -139,14 +139,26 @@ def test_bad_parameters_are_named():
 # --------------------------------------------------------------------------- processes
 
 
-def _run_embed_script(root: Path, store: Path, *extra: str, slow: float = 0.0) -> subprocess.Popen:
+def _run_embed_script(root: Path, store: Path, *extra: str, slow: float = 0.0,
+                      hold: Path | None = None, hold_after_shards: int = 0) -> subprocess.Popen:
+    """``hold``: the run stops before a forward pass once ``hold_after_shards`` shards are
+    written, creates ``hold.waiting`` and goes on only when ``hold`` exists (_embed_worker.py)."""
+    env = dict(os.environ, PYTHONPATH=str(HERE.parent))
+    if hold is not None:
+        env.update(FP_TEST_HOLD=str(hold), FP_TEST_HOLD_AFTER_SHARDS=str(hold_after_shards))
     return subprocess.Popen(
         [sys.executable, str(HERE / "_embed_worker.py"), str(root), str(store), str(slow), *extra],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=dict(os.environ, PYTHONPATH=str(HERE.parent)),
+        env=env,
     )
+
+
+def _wait_for_file(path: Path, proc: subprocess.Popen) -> None:
+    """Until ``path`` exists (the worker holds there) or the worker has exited."""
+    while not path.exists() and proc.poll() is None:
+        time.sleep(0.02)
 
 
 def test_sigkill_mid_run_then_rerun_equals_uninterrupted(tmp_path):
@@ -156,11 +168,11 @@ def test_sigkill_mid_run_then_rerun_equals_uninterrupted(tmp_path):
     (root / "b" / "zero.jpg").write_bytes(b"")
     killed, clean = tmp_path / "killed.h5", tmp_path / "clean.h5"
 
-    proc = _run_embed_script(root, killed, slow=0.2)
+    # The run holds (never goes on) once two shards are written: killed there, not finished.
+    hold = tmp_path / "never"
+    proc = _run_embed_script(root, killed, hold=hold, hold_after_shards=2)
     parts = Path(str(killed) + ".parts")
-    deadline = time.time() + 120
-    while time.time() < deadline and not (parts.exists() and len(list(parts.rglob("*.npz"))) >= 2):
-        time.sleep(0.02)
+    _wait_for_file(Path(f"{hold}.waiting"), proc)
     assert proc.poll() is None, proc.communicate()
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate()  # reap and close the pipes
@@ -203,13 +215,13 @@ def test_second_writer_with_no_wait_gets_a_clear_error(tmp_path):
     write_good_images(root / "a", 16, seed=1)
     write_good_images(root / "b", 16, seed=2)
     store = tmp_path / "s.h5"
-    first = _run_embed_script(root, store, slow=1.0)
-    lock = Path(str(store) + ".parts")
-    deadline = time.time() + 120
-    while time.time() < deadline and not lock.exists():
-        time.sleep(0.02)
+    go = tmp_path / "go"
+    first = _run_embed_script(root, store, hold=go)  # holds the lock until `go` exists
+    _wait_for_file(Path(f"{go}.waiting"), first)
+    assert first.poll() is None, first.communicate()
     with pytest.raises(StoreLockedError, match=str(store)):
         embed(root, store, **_fp32(lock_timeout=0))
+    go.touch()
     out, err = first.communicate(timeout=300)
     assert first.returncode == 0, err
     assert len(FeatureStore(store).load().ids) == 32

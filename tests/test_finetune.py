@@ -5,6 +5,8 @@ CPU only, tiny random timm network at 32x32, a few dozen images, 1-3 epochs.
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
 import signal
@@ -12,13 +14,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from featurepipe.exceptions import ConfigError, DecodeError, FeaturePipeWarning
+from featurepipe.exceptions import ConfigError, DecodeError, FeaturePipeWarning, WriteError
 from featurepipe.finetune import (
     EarlyStopping,
     FineTuneClassifier,
@@ -197,6 +200,42 @@ def test_interrupted_checkpoint_write_keeps_previous(tmp_path: Path,
     with pytest.raises(OSError, match="disk full"):
         atomic_save({"epoch": 2, "w": torch.zeros(3)}, path)
     monkeypatch.undo()
+    assert load_checkpoint(path)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+class _FullAfter(io.RawIOBase):
+    """A file on a disk that fills up after ``room`` bytes."""
+
+    def __init__(self, fh: Any, room: int) -> None:
+        self.fh, self.room = fh, room
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.fh.write(data)
+
+
+def test_full_disk_inside_torch_save_names_the_checkpoint(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.save reports a failed write of its file as a RuntimeError ("unexpected pos")."""
+    path = tmp_path / "checkpoint.pt"
+    atomic_save({"epoch": 1, "w": torch.ones(3)}, path)
+    real_save = torch.save
+
+    def save_onto_a_full_disk(obj, f, *args, **kwargs):  # noqa: ANN001, ANN202
+        return real_save(obj, _FullAfter(f, 2000), *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_onto_a_full_disk)
+    with pytest.raises(WriteError) as info:
+        atomic_save({"epoch": 2, "w": torch.zeros(10_000)}, path)
+    monkeypatch.undo()
+    assert str(info.value) == f"cannot write {path}: no space left on device"
+    assert info.value.errno == errno.ENOSPC
     assert load_checkpoint(path)["epoch"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
 
@@ -534,3 +573,38 @@ def test_run_files_follow_the_umask(tmp_path: Path) -> None:
         os.umask(old)
     for name in ("checkpoint.pt", "history.json", "metrics.json", "history.png"):
         assert (tmp_path / "ft" / name).stat().st_mode & 0o777 == 0o640, name
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="finds the file by /proc/self/fd")
+@pytest.mark.parametrize("name", ["checkpoint.pt", "history.json"])
+def test_full_disk_during_finetune_is_one_line_and_keeps_the_old_file(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        name: str) -> None:
+    """The second epoch's ``name`` meets a full disk (ENOSPC from fsync, as on a real one)."""
+    from featurepipe.cli import main
+    from tests.helpers import write_good_images
+
+    write_good_images(tmp_path / "photos" / "a", 4, seed=0)
+    write_good_images(tmp_path / "photos" / "b", 4, seed=1)
+    out = tmp_path / "ft"
+    target = out / name
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        written = os.readlink(f"/proc/self/fd/{fd}")
+        if Path(written).name.startswith(f"{name}.tmp-") and target.exists():
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    code = main(["finetune", str(tmp_path / "photos"), "--out", str(out), "--backbone",
+                 TINY["backbone"], "--weights", "random", "--image-size", "32", "--epochs", "2",
+                 "--batch-size", "4", "--val-size", "4", "--precision", "fp32", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err == f"featurepipe: error: cannot write {target}: no space left on device\n"
+    if name == "checkpoint.pt":
+        assert load_checkpoint(target)["trainer"]["epoch"] == 1
+    else:
+        assert [r["epoch"] for r in json.loads(target.read_text())] == [1]
+    assert not [p.name for p in out.rglob("*.tmp-*")]

@@ -86,7 +86,7 @@ def test_preset_fits_predicts_and_reports_params(preset, split):
     assert set(chosen_params(fitted)) == EXPECTED_PARAMS[preset]
     assert info["params"] == chosen_params(fitted)
     assert info["warnings"] == []
-    assert info["fit_seconds"] > 0
+    assert info["fit_seconds"] >= 0  # a coarse clock can read 0.0 for a fast fit
     json.dumps(info)  # plain values only
 
 

@@ -112,7 +112,7 @@ def test_on_error_raise_names_the_file_and_frees_the_workers(ray_cluster, mixed_
         embed_ray(root, tmp_path / "s.h5", on_error="raise", **_fp32(**ONE_WORKER))
     assert "b/" in str(info.value) and info.value.reason
     # The actors of the failed run are gone, or later runs in this instance would starve.
-    deadline = time.time() + 30
+    deadline = time.time() + 120  # a cap for a broken release, not a measurement
     while time.time() < deadline and ray_cluster.available_resources().get("CPU") != 2:
         time.sleep(0.2)
     assert ray_cluster.available_resources().get("CPU") == 2
@@ -194,18 +194,22 @@ def test_missing_ray_names_the_install_command(monkeypatch, tmp_path, capsys):
 
 # --------------------------------------------------------------------------- SIGKILL and resume
 
-# The killed driver: a local Ray instance of its own whose workers sleep before each forward pass
-# (a worker_process_setup_hook), so the test can SIGKILL it with some shards written.
+# The killed driver: a local Ray instance of its own whose workers, once two shards are on disk,
+# wait before each forward pass until FP_TEST_GO exists (a worker_process_setup_hook): the run
+# cannot finish before the test SIGKILLs it with some shards written, however slow the test is.
 _KILLED_DRIVER = textwrap.dedent("""
     import os, sys, time
+    from pathlib import Path
     import ray
 
     def slow_down():
         import featurepipe.embedding.forward as engine
         real = engine.start_forward
+        parts, go = Path(os.environ["FP_TEST_PARTS"]), os.environ["FP_TEST_GO"]
 
         def slow(*args, **kwargs):
-            time.sleep(float(os.environ["FP_TEST_SLOW"]))
+            while len(list(parts.rglob("*.npz"))) >= 2 and not os.path.exists(go):
+                time.sleep(0.05)
             return real(*args, **kwargs)
 
         engine.start_forward = slow
@@ -247,15 +251,15 @@ def test_killed_ray_run_resumes_without_recomputing(ray_cluster, tmp_path, one_t
     killed, clean = tmp_path / "killed.h5", tmp_path / "clean.h5"
     parts = Path(str(killed) + ".parts")
     marker = uuid.uuid4().hex
-    env = dict(os.environ, PYTHONPATH=str(ROOT), FP_TEST_SLOW="0.5", FP_TEST_RAY_RUN=marker)
+    go = tmp_path / "go"  # created once the driver is dead: lets its workers end their wait
+    env = dict(os.environ, PYTHONPATH=str(ROOT), FP_TEST_PARTS=str(parts), FP_TEST_GO=str(go),
+               FP_TEST_RAY_RUN=marker)
     proc = subprocess.Popen(
         [sys.executable, "-c", _KILLED_DRIVER, str(root), "--out", str(killed), *TINY_ARGS,
          "--engine", "ray", "--concurrency", "2"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
-        deadline = time.time() + 180
-        while (time.time() < deadline and proc.poll() is None
-               and len(list(parts.rglob("*.npz"))) < 2):
+        while proc.poll() is None and len(list(parts.rglob("*.npz"))) < 2:
             time.sleep(0.05)
         assert proc.poll() is None, proc.communicate()
         os.kill(proc.pid, signal.SIGKILL)
@@ -264,10 +268,11 @@ def test_killed_ray_run_resumes_without_recomputing(ray_cluster, tmp_path, one_t
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+        go.touch()
     # The local Ray instance dies with its driver: GCS, raylet and workers within seconds. Its
     # dashboard and runtime-env agents poll the raylet and exit on their own about a minute
     # later; rather than wait, kill those by pid (only processes carrying this run's marker).
-    deadline = time.time() + 30
+    deadline = time.time() + 120  # a cap for processes that never exit, not a measurement
     while time.time() < deadline and _marked_pids(marker, but=_AGENTS):
         time.sleep(0.5)
     leftover = _marked_pids(marker, but=_AGENTS)

@@ -64,7 +64,8 @@ def spawn(*args: str) -> Iterator[subprocess.Popen]:
     """Run the helper; on the way out SIGKILL it (if still running) and close its pipe."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     cmd = [sys.executable, str(HELPER), *args]
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env) as proc:
+    with subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                          env=env) as proc:
         try:
             yield proc
         finally:
@@ -487,12 +488,19 @@ def test_second_writer_in_process_is_refused(path: Path) -> None:
 
 
 def test_second_process_fails_fast_or_waits(path: Path) -> None:
-    with spawn("hold", str(path), "holderkey0000000", "1.0") as proc:
-        wait_for(proc, "locked")
+    with spawn("hold", str(path), "holderkey0000000") as proc:
+        wait_for(proc, "locked")  # the holder keeps the lock until told to go on
         with pytest.raises(StoreLockedError, match=str(path)):
             FeatureStore(path).writer(KEY, ATTRS, lock_timeout=0).__enter__()
         waits: list[str] = []
-        with FeatureStore(path).writer(KEY, ATTRS, lock_timeout=30, on_wait=waits.append) as w:
+
+        def release_the_holder(message: str) -> None:  # called once this writer has to wait
+            waits.append(message)
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+
+        with FeatureStore(path).writer(KEY, ATTRS, lock_timeout=600,
+                                       on_wait=release_the_holder) as w:
             assert proc.wait() == 0  # the holder had committed and exited
             w.write_shard("s", ["q"], ["1"], feats(1))
             w.commit([("q", "1", 0)], CLASSES)
@@ -525,11 +533,9 @@ def test_readers_see_complete_stores_while_a_writer_commits(path: Path) -> None:
     with spawn("loop", str(path), str(n), str(dim), str(seed)) as proc:
         for word in ("ready", "committing", "committed"):
             wait_for(proc, word)
-        deadline, loads = time.monotonic() + 2.0, 0
-        while time.monotonic() < deadline:
+        for _ in range(5):  # a count, not a time: each load meets the writer somewhere else
             assert _check_store(path, n, dim, seed) == 2
-            loads += 1
-        assert proc.poll() is None and loads >= 3
+        assert proc.poll() is None  # the writer commits forever: it was running throughout
 
 
 def test_sigkill_in_the_middle_of_writing_the_new_file(path: Path) -> None:
