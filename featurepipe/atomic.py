@@ -115,24 +115,12 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], obje
     --------
     >>> atomic_write("out.npz", lambda fh: np.savez(fh, x=x))  # doctest: +SKIP
     """
-    path = Path(path)
-    tmp = temp_name(path)
-    try:
+    with atomic_path(path) as tmp:
         # O_EXCL: never write into someone else's file; 0o666 & ~umask, as open() does.
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
                      0o666)
         with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        failed = _os_error(exc)
-        if failed is not None:
-            raise _write_error(path, failed) from exc
-        raise
-    fsync_dir(path.parent)
+            write(fh)  # atomic_path fsyncs, replaces, and turns a failed write into one line
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
