@@ -443,12 +443,24 @@ def load_model(path: str | os.PathLike, *, trusted: Sequence[str] = (),
     if int(payload.get("format_version", 0)) > MODEL_FORMAT_VERSION:
         raise ConfigError(f"{path} was written by a newer featurepipe (model format "
                           f"{payload['format_version']}); upgrade featurepipe")
+    missing = [name for name in _REQUIRED_FIELDS if name not in payload]
+    if missing:
+        raise ConfigError(f"{path} is a damaged featurepipe model file: it lacks "
+                          f"{', '.join(missing)}; fit and save the model again")
+    try:
+        spec = BackboneSpec.from_dict(payload["backbone_spec"])
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise ConfigError(f"{path} is a damaged featurepipe model file: its backbone_spec "
+                          f"cannot be read ({type(exc).__name__}: {exc})") from exc
     _warn_versions(path, payload.get("versions") or {})
     return ImageClassifier(
-        payload["head"], BackboneSpec.from_dict(payload["backbone_spec"]),
-        payload["class_names"], store_key=payload.get("store_key"),
+        payload["head"], spec, payload["class_names"], store_key=payload.get("store_key"),
         key_parts=payload.get("key_parts"), metrics=payload.get("metrics"),
         versions=payload.get("versions"), **embed_options)
+
+
+#: What every model file holds besides its format marker (see :func:`save_model`).
+_REQUIRED_FIELDS = ("head", "backbone_spec", "class_names")
 
 
 def _warn_versions(path: str, saved: Mapping[str, str]) -> None:

@@ -144,6 +144,29 @@ def test_missing_and_foreign_files(tmp_path):
         load_model(tmp_path / "junk.joblib")
 
 
+def test_model_file_with_the_marker_but_missing_fields_is_one_line(trained, tmp_path, capsys):
+    import joblib
+
+    from featurepipe.cli import main
+
+    r = trained["result"]
+    path = save_model(tmp_path / "m.joblib", r.head, r.backbone_spec, r.class_names,
+                      r.store_key, r.key_parts)
+    payload = joblib.load(path)
+    for damage in ("head", "backbone_spec"):
+        broken = dict(payload)
+        del broken[damage]
+        joblib.dump(broken, tmp_path / "broken.joblib")
+        with pytest.raises(ConfigError, match=f"damaged featurepipe model file: it lacks {damage}"):
+            load_model(tmp_path / "broken.joblib")
+    joblib.dump({**payload, "backbone_spec": 7}, tmp_path / "broken.joblib")
+    with pytest.raises(ConfigError, match="its backbone_spec cannot be read"):
+        load_model(tmp_path / "broken.joblib")
+    assert main(["predict", str(tmp_path / "broken.joblib"), str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "broken.joblib" in err and "Traceback" not in err
+
+
 def test_bad_images_raise_from_predict_but_are_listed_by_embed(trained, mixed_folder):
     root, expected = mixed_folder
     model = _model(trained)
