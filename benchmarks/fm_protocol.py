@@ -89,19 +89,47 @@ def hog(images: np.ndarray) -> np.ndarray:
                     ).astype(np.float32)
 
 
-def frozen(source: ImageSource, work: Path, layer: str, size: int, role: str
-           ) -> Callable[[], np.ndarray]:
-    """A function embedding ``source`` at ``size`` px, ``layer`` (no cache: timed each call)."""
-    def run() -> np.ndarray:
+def frozen_layers(source: ImageSource, work: Path, layers: list[str], size: int, role: str
+                  ) -> Callable[[], dict[str, np.ndarray]]:
+    """A function embedding ``source`` at ``size`` px for every layer of ``layers`` in one
+    pass (one decode, one forward; one store entry per layer). No cache: timed each call."""
+    def run() -> dict[str, np.ndarray]:
         from featurepipe.embed import embed
         from featurepipe.store import FeatureStore
 
-        store = work / f"frozen-{role}-{layer}-{size}.h5"
+        store = work / f"frozen-{role}-{size}.h5"
         store.unlink(missing_ok=True)
-        rep = embed(source, store, BACKBONE, image_size=size,
-                    layer=None if layer == "penultimate" else layer, progress=False)
-        return np.asarray(FeatureStore(store).load(rep.key).features, dtype=np.float32)
+        reports = embed(source, store, BACKBONE, image_size=size, progress=False,
+                        layers=[None if name == "penultimate" else name for name in layers])
+        fs = FeatureStore(store)
+        return {name: np.asarray(fs.load(rep.key).features, dtype=np.float32)
+                for name, rep in zip(layers, reports, strict=True)}
     return run
+
+
+def frozen_single(source: ImageSource, work: Path, layer: str, size: int) -> float:
+    """Seconds to embed ``source`` for one layer alone (the reference for the one-pass run)."""
+    from featurepipe.embed import embed
+
+    store = work / f"single-{layer}-{size}.h5"
+    store.unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    embed(source, store, BACKBONE, image_size=size, progress=False,
+          layer=None if layer == "penultimate" else layer)
+    seconds = time.perf_counter() - t0
+    store.unlink(missing_ok=True)
+    return seconds
+
+
+def _groups(specs: list[str]) -> dict[int, list[str]]:
+    """``LAYER@SIZE`` specs grouped by size: each size is one pass over the images."""
+    groups: dict[int, list[str]] = {}
+    for spec in specs:
+        layer, _, size = spec.partition("@")
+        if not layer or not size.isdigit():
+            raise SystemExit(f"fm_protocol: frozen set {spec!r} is not LAYER@SIZE")
+        groups.setdefault(int(size), []).append(layer)
+    return groups
 
 
 def timed(fn: Callable[[], Any], repeats: int) -> tuple[Any, list[float]]:
@@ -153,21 +181,54 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "pixels": (lambda: pixels(X_img), lambda: pixels(T_img)),
         "hog": (lambda: hog(X_img), lambda: hog(T_img)),
     }
-    for spec in args.frozen:
-        layer, _, size = spec.partition("@")
-        extractors[f"frozen:{layer}@{size}"] = (
-            frozen(train_src.subset(tr), work, layer, int(size), "train"),
-            frozen(test_src.subset(te), work, layer, int(size), "test"))
+    cache = work / "features"
+    cache.mkdir(exist_ok=True)
     features: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     extraction: dict[str, dict[str, Any]] = {}
+    wanted = [*args.features, *(f"frozen:{s}" for s in args.frozen)]
+    for name in wanted:
+        if args.cached and _cached(cache, name):
+            features[name] = _cached(cache, name)  # type: ignore[assignment]
+            extraction[name] = {"train_seconds": "cached (measured by the run that made it)",
+                                "dim": int(features[name][0].shape[1])}
+            log(f"{name}: {features[name][0].shape[1]}-d, from {cache}")
     for name, (f_train, f_test) in extractors.items():
-        if name not in args.features and not name.startswith("frozen:"):
+        if name not in args.features or name in features:
             continue
         X, times = timed(f_train, args.repeats)
         T = f_test()
         features[name] = (X, T)
         extraction[name] = {"train_seconds": summary(times), "dim": int(X.shape[1])}
         log(f"{name}: {X.shape[1]}-d, training-image extraction {statistics.median(times):.1f} s")
+    passes = []
+    todo = [s for s in args.frozen if f"frozen:{s}" not in features]
+    for size, layers in _groups(todo).items():
+        log(f"frozen {','.join(layers)} at {size} px: one pass over "
+            f"{len(X_img) + len(T_img)} images")
+        got, times = timed(frozen_layers(train_src.subset(tr), work, layers, size, "train"),
+                           args.repeats)
+        t0 = time.perf_counter()
+        got_test = frozen_layers(test_src.subset(te), work, layers, size, "test")()
+        test_seconds = time.perf_counter() - t0
+        one_pass = {"layers": layers, "size": size, "train_seconds": summary(times),
+                    "test_seconds": test_seconds}
+        if size in args.single_check:
+            one_pass["single_layer"] = {
+                "layer": layers[-1], "train_seconds":
+                frozen_single(train_src.subset(tr), work, layers[-1], size)}
+            log(f"  single layer {layers[-1]} alone: "
+                f"{one_pass['single_layer']['train_seconds']:.1f} s vs "
+                f"{statistics.median(times):.1f} s for {len(layers)} layers in one pass")
+        passes.append(one_pass)
+        for layer in layers:
+            name = f"frozen:{layer}@{size}"
+            features[name] = (got[layer], got_test[layer])
+            extraction[name] = {"train_seconds": summary(times), "dim": int(got[layer].shape[1]),
+                                "one_pass_with": layers}
+            log(f"{name}: {got[layer].shape[1]}-d, training-image extraction (the one pass) "
+                f"{statistics.median(times):.1f} s")
+    for name, (X, T) in features.items():
+        _store_cache(cache, name, X, T)
     if args.concat_hog and "hog" in features:
         for name in [n for n in features if n.startswith("frozen:")]:
             X = np.hstack([features[name][0], features["hog"][0]])
@@ -176,6 +237,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             extraction[f"{name}+hog"] = {"dim": int(X.shape[1]),
                                          "train_seconds": "sum of its parts"}
 
+    order = [n for n in wanted if n in features] + [n for n in features if n not in wanted]
+    features = {n: features[n] for n in order}
     arms, predictions = [], {}
     for name, (X, T) in features.items():
         for family in args.heads:
@@ -214,8 +277,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                   "kernel_C": fm_heads.KERNEL_CS, "max_iter": fm_heads.MAX_ITER},
         "blas_threads": args.blas_threads, "test_positions": te.tolist(),
         "arms": arms, "headlines": {k: v["arm"] if v else None for k, v in headlines.items()},
-        "comparisons": comparisons, "wall_seconds": time.perf_counter() - t_start,
+        "comparisons": comparisons, "frozen_passes": passes,
+        "wall_seconds": time.perf_counter() - t_start,
     }
+
+
+def _cache_name(name: str) -> str:
+    return name.replace(":", "_").replace("@", "_").replace("+", "_")
+
+
+def _cached(cache: Path, name: str) -> tuple[np.ndarray, np.ndarray] | None:
+    train, test = (cache / f"{_cache_name(name)}.{r}.npy" for r in ("train", "test"))
+    if train.exists() and test.exists():
+        return np.load(train), np.load(test)
+    return None
+
+
+def _store_cache(cache: Path, name: str, X: np.ndarray, T: np.ndarray) -> None:
+    """Features as .npy for later runs (``--cached``) and benchmarks/fm_curves.py."""
+    for role, arr in (("train", X), ("test", T)):
+        path = cache / f"{_cache_name(name)}.{role}.npy"
+        if not path.exists():
+            np.save(path, arr)
 
 
 def _holdout(y: np.ndarray, val_size: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -363,6 +446,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     default=["pixels", "hog"])
     ap.add_argument("--frozen", type=lambda t: [x.strip() for x in t.split(",") if x.strip()],
                     default=[], help="frozen feature sets LAYER@SIZE, e.g. blocks.5@128")
+    ap.add_argument("--single-check", type=lambda t: [int(x) for x in t.split(",") if x.strip()],
+                    default=[], help="sizes at which one layer is also embedded alone, timed "
+                    "against the one pass over all layers")
+    ap.add_argument("--cached", action="store_true",
+                    help="reuse WORK/features/*.npy (train and test) where present; their "
+                         "extraction time is the run that made them")
     ap.add_argument("--concat-hog", action="store_true",
                     help="also each frozen set concatenated with HOG (the hybrid family)")
     ap.add_argument("--heads", type=lambda t: [x.strip() for x in t.split(",") if x.strip()],
