@@ -49,6 +49,7 @@ __all__ = ["SIZES", "draw", "fit_point", "labelled_data_verdict", "main", "score
            "t_interval"]
 
 SIZES = (5, 10, 25, 50, 100)
+FULL_ROWS = (60_000, 10_000)  # anything less is logged as a small-mode run
 TOL = 1e-4
 
 
@@ -72,11 +73,11 @@ def draw(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
 # ------------------------------------------------------------------------------ heads
 
 
-def _linear_path(X: np.ndarray, y: np.ndarray, n_classes: int
-                 ) -> list[tuple[np.ndarray, bool]]:
-    """(parameters, converged) at every C of the grid, each fit warm-started from the last."""
+def _linear_path(X: np.ndarray, y: np.ndarray, n_classes: int,
+                 cs: tuple[float, ...] = fm_heads.LINEAR_CS) -> list[tuple[np.ndarray, bool]]:
+    """(parameters, converged) at every C of ``cs``, each fit warm-started from the last."""
     out, init = [], None
-    for C in fm_heads.LINEAR_CS:
+    for C in cs:
         init, it = fit_multinomial(X, y, n_classes, C, init=init, max_iter=fm_heads.MAX_ITER,
                                    tol=TOL)
         out.append((init, it < fm_heads.MAX_ITER))
@@ -123,8 +124,8 @@ def _final_predictions(head: str, chosen: dict[str, Any], A: np.ndarray, y: np.n
                        T: np.ndarray, n_classes: int) -> tuple[np.ndarray, bool]:
     """Test predictions of the chosen point refitted on the whole subset; (pred, converged)."""
     if head == "linear":
-        path = _linear_path(A, y, n_classes)
-        params, ok = path[fm_heads.LINEAR_CS.index(chosen["C"])]
+        cs = fm_heads.LINEAR_CS  # the CV's path up to the chosen C: the same warm starts
+        params, ok = _linear_path(A, y, n_classes, cs[:cs.index(chosen["C"]) + 1])[-1]
         return _linear_predict(T, params), ok
     g = chosen["g"] / A.shape[1]
     model = _svc(np.exp(-g * euclidean_distances(A, squared=True)), y, chosen["C"])
@@ -251,7 +252,9 @@ def markdown(res: dict[str, Any]) -> str:
              "mode)", "",
              f"Seeds {res['seeds']}; {res['n_test']:,} test images; selection by stratified "
              "k-fold CV (k = min(5, per class)) inside each labelled subset; 95% t-intervals "
-             "over seeds.", "",
+             "over seeds. Feature sets: " + ", ".join(
+                 f"`{n}` ({f['family']}, {f['dim']}-d)" for n, f in res["features"].items())
+             + ".", "",
              "| labels/class | frozen (chosen by CV) | classical (chosen by CV) | "
              "frozen - classical (paired) |", "|---|---|---|---|"]
     lines += [f"| {r['size']} | {_ci(r['frozen'])} | {_ci(r['classical'])} | {_ci(r['diff'])} |"
@@ -290,8 +293,11 @@ def plot(res: dict[str, Any], path: Path) -> None:
                                       for r in rows]).T.reshape(2, -1))
         ax.errorbar([r["size"] for r in rows], mean, yerr=err, marker="o", capsize=3,
                     label=f"{fam} (chosen by CV)")
+    sizes = [r["size"] for r in res["summary"]]
     ax.set(xscale="log", xlabel="labelled images per class", ylabel="test accuracy",
            title=f"Fashion-MNIST learning curve ({res['mode']}): mean, 95% t-interval")
+    ax.set_xticks(sizes, [str(s) for s in sizes])
+    ax.minorticks_off()
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -374,7 +380,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"{f} {c['arm']} cv {c['cv_accuracy']:.3f} test {c['test_accuracy']:.4f}"
             for f, c in point["chosen"].items()) + f" ({point['seconds']:.1f} s)")
     summary = summarise(points)
-    return {"mode": "small" if args.max_test else "full",
+    full = not args.max_test and (len(y), len(y_test)) == FULL_ROWS
+    return {"mode": "full" if full else "small",
             "protocol": "benchmarks/protocol.md (2026-12-07) section 6",
             "command": "python -m benchmarks.fm_curves " + " ".join(sys.argv[1:]),
             "machine": facts, "load_average_start": load_start,

@@ -121,6 +121,7 @@ def test_tiny_run_reports_every_arm_and_test_labels_choose_nothing(tmp_path):
         assert p["chosen"]["frozen"]["arm"].startswith("frozen:good+")
         assert p["chosen"]["classical"]["arm"].startswith("pixels+")
     assert [r["size"] for r in on_disk["summary"]] == [2, 4]
+    assert on_disk["mode"] == "small"  # fewer rows than Fashion-MNIST: never a full result
     assert on_disk["verdict"] in {"supported", "not supported", "mixed"}
 
     permuted = _run(tmp_path, args, "y_test_perm.npy", "permuted")
