@@ -274,7 +274,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "seed": args.seed, "val_size": args.val_size, "kernel": args.kernel,
         "n_components": args.n_components, "repeats": args.repeats,
         "grids": {"linear_C": fm_heads.LINEAR_CS, "kernel_g": fm_heads.KERNEL_G,
-                  "kernel_C": fm_heads.KERNEL_CS, "max_iter": fm_heads.MAX_ITER},
+                  "kernel_C": fm_heads.KERNEL_CS if args.kernel == "exact" else fm_heads.RIDGE_CS,
+                  "max_iter": fm_heads.MAX_ITER, "linear_patience": fm_heads.PATIENCE,
+                  "solver": fm_heads.SOLVER},
         "blas_threads": args.blas_threads, "test_positions": te.tolist(),
         "arms": arms, "headlines": {k: v["arm"] if v else None for k, v in headlines.items()},
         "comparisons": comparisons, "frozen_passes": passes,
@@ -348,7 +350,8 @@ def _arm(name: str, family: str, X: np.ndarray, T: np.ndarray, y: np.ndarray,
     head = "kernel" if family == "kernel" else "linear"
     return {
         "arm": f"{name}+{head}", "features": name, "head": head, "family": _family(name),
-        "kernel_impl": ("exact SVC" if exact else f"Nystroem {args.n_components}")
+        "kernel_impl": ("exact SVC" if exact
+                        else f"Nystroem {args.n_components} + least squares")
         if family == "kernel" else None,
         "chosen": {k: chosen[k] for k in ("g", "C")}, "val_accuracy": chosen["val_accuracy"],
         "accuracy": correct / len(y_test), "accuracy_ci95": [low, high],

@@ -56,8 +56,10 @@ def test_search_chooses_the_best_validation_point_of_the_declared_grid(blobs, fa
     X, y = blobs
     res = fm_heads.search(family, X[:180], y[:180], X[180:], y[180:], n_components=60)
     grid = ([(None, c) for c in fm_heads.LINEAR_CS] if family == "linear"
-            else [(g, c) for g in fm_heads.KERNEL_G for c in fm_heads.KERNEL_CS])
-    assert [(p["g"], p["C"]) for p in res.points] == grid
+            else [(g, c) for g in fm_heads.KERNEL_G for c in fm_heads.RIDGE_CS])
+    tried = [(p["g"], p["C"]) for p in res.points]
+    stopped = [(p["g"], p["C"]) for p in res.not_run]
+    assert tried + stopped == grid and tried  # the path stops early, never skips in between
     best = max(p["val_accuracy"] for p in res.points)
     assert res.chosen["val_accuracy"] == best
     ties = [p for p in res.points if p["val_accuracy"] == best]
@@ -67,6 +69,38 @@ def test_search_chooses_the_best_validation_point_of_the_declared_grid(blobs, fa
     if family == "kernel":
         assert model.named_steps["map"].gamma == pytest.approx(res.chosen["g"] / X.shape[1])
         assert model.named_steps["map"].n_components == 60
+
+
+def test_ridge_path_equals_ridge_classifier_at_every_c(blobs):
+    from sklearn.linear_model import RidgeClassifier
+
+    X, y = blobs
+    cs = (0.01, 1.0, 100.0)
+    for C, model in zip(cs, fm_heads.RidgePath().fit_path(X, y, cs), strict=True):
+        ref = RidgeClassifier(alpha=1 / (2 * C)).fit(X.astype(np.float64), y)
+        # Scores, not weights: the blobs have collinear columns, so weakly regularised
+        # weights are determined only up to directions that no row sees.
+        expected = ref.decision_function(X)
+        np.testing.assert_allclose(model.decision_function(X), expected, atol=2e-3)
+        np.testing.assert_allclose(fm_heads.RidgePath(C=C).fit(X, y).decision_function(X),
+                                   expected, atol=2e-3)
+        assert (model.predict(X) == ref.predict(X)).all()
+
+
+def test_linear_path_stops_when_neither_score_improves(blobs):
+    X, y = blobs
+    res = fm_heads.search("linear", X[:180], y[:180], X[180:], y[180:])
+    scores = [(p["val_accuracy"], p["val_log_loss"]) for p in res.points]
+
+    def improved(k: int) -> bool:
+        return (scores[k][0] > max(acc for acc, _ in scores[:k])
+                or scores[k][1] < min(loss for _, loss in scores[:k]))
+
+    # Every point but the last improved a score (else the path stops after it) ...
+    assert all(improved(k) for k in range(1, len(scores) - 1))
+    # ... and when the path stopped early, the last point run improved neither.
+    if res.not_run:
+        assert not improved(len(scores) - 1)
 
 
 def test_kernel_head_is_exact_svc_on_request():
