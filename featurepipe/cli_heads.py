@@ -125,12 +125,12 @@ def fit_store(store: str | os.PathLike, head: str = "logreg", *, key: str | None
     from featurepipe.backbones import BackboneSpec
     from featurepipe.heads import (
         OutOfCoreSGDClassifier,
+        block_head,
         chosen_params,
         fit_head,
         fixed_head,
         make_head,
     )
-    from featurepipe.heads import block_head
     from featurepipe.model import check_same_spec, classification_metrics, key_parts_from_attrs
 
     if not 0 <= float(test_size) < 1:
@@ -182,7 +182,8 @@ def fit_store(store: str | os.PathLike, head: str = "logreg", *, key: str | None
     else:
         fitted, info = fit_head(estimator, data.features[is_train], labels[is_train],
                                 progress=progress)
-        seconds, params, notes = info["fit_seconds"], info["params"], info["warnings"]
+        seconds, params = info["fit_seconds"], info["params"]
+        notes += info["warnings"]
 
     y_true: np.ndarray | None = None
     y_pred: np.ndarray | None = None
@@ -211,10 +212,10 @@ def fit_store(store: str | os.PathLike, head: str = "logreg", *, key: str | None
         n_train=int(is_train.sum()), n_test=0 if y_true is None else len(y_true),
         metrics=metrics, y_true=y_true, y_pred=y_pred, warnings=list(notes),
         n_model_rows=len(labels) if refit else int(is_train.sum()), refit=refit,
-        **({} if layered is None else {
-            "layers": layered.layers, "layer_keys": list(layered.keys),
-            "layer_key_parts": list(layered.key_parts), "block_dims": layered.block_dims,
-            "layer_scores": scores}))
+        layers=() if layered is None else layered.layers,
+        layer_keys=[] if layered is None else list(layered.keys),
+        layer_key_parts=[] if layered is None else list(layered.key_parts),
+        block_dims=() if layered is None else layered.block_dims, layer_scores=scores)
 
 
 #: Fraction of the training rows held out to choose among layer candidates.
@@ -262,8 +263,9 @@ def _choose_layers(data: LayerData, head: str, cv: int, seed: int, is_train: np.
     fit_rows, val_rows = rows[fit_pos], rows[val_pos]
     n = len(data.layers)
     candidates = [[b] for b in range(n)] + ([list(range(n))] if n > 1 else [])
-    scores, best = [], 0
-    for c, blocks in enumerate(candidates):
+    scores: list[dict[str, Any]] = []
+    accuracies: list[float] = []
+    for blocks in candidates:
         sub = data.select(blocks)
         estimator = make_head(head, cv=cv, random_state=seed)
         if len(blocks) > 1:
@@ -273,8 +275,8 @@ def _choose_layers(data: LayerData, head: str, cv: int, seed: int, is_train: np.
         acc = float(accuracy_score(labels[val_pos], fitted.predict(sub.features[val_rows])))
         scores.append({"layers": [layer_name(x) for x in sub.layers], "val_accuracy": acc,
                        "n_fit": len(fit_rows), "n_val": len(val_rows)})
-        if acc > scores[best]["val_accuracy"]:
-            best = c
+        accuracies.append(acc)
+    best = int(np.argmax(accuracies))  # the first of equals
     for c, score in enumerate(scores):
         score["chosen"] = c == best
     return data.select(candidates[best]), scores

@@ -9,7 +9,7 @@ recomputing keys, so a store written by any featurepipe version that recorded th
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,9 +97,7 @@ def find_layer_entries(fs: FeatureStore, layers: Sequence[str | None] | None, *,
                 f"{', '.join(groups[g][next(iter(groups[g]))] for g in chosen)}); pass --key "
                 "with one entry of the setup to use")
     found = groups[chosen[0]]
-    # Every stored layer: named ones in name order, the penultimate last.
-    wanted = (tuple(sorted(found, key=lambda x: (x is None, str(x)))) if layers is None
-              else tuple(layers))
+    wanted = _ordered(found) if layers is None else tuple(layers)
     for layer in wanted:
         if layer not in found:
             raise ConfigError(_missing(fs, entries[next(iter(found.values()))], layer, wanted,
@@ -107,20 +105,25 @@ def find_layer_entries(fs: FeatureStore, layers: Sequence[str | None] | None, *,
     return [found[layer] for layer in wanted], wanted
 
 
+def _ordered(layers: Iterable[str | None]) -> tuple[str | None, ...]:
+    """Named layers in name order, the penultimate last (the order ``auto`` tries them in)."""
+    return tuple(sorted(layers, key=lambda x: (x is None, str(x))))
+
+
 def _missing(fs: FeatureStore, parts: Mapping[str, Any], layer: str | None,
              wanted: Sequence[str | None], found: Mapping[str | None, str]) -> str:
     source = str(fs.attrs(next(iter(found.values()))).get("source") or "SRC")
     source = source.split(":", 1)[1] if source.startswith(("folder:", "manifest:")) else source
-    spec = parts.get("spec") if isinstance(parts.get("spec"), Mapping) else {}
+    spec: Mapping[str, Any] = parts.get("spec") or {}
     options = f" --backbone {parts.get('backbone')}"
     if spec.get("weights"):
         options += f" --weights {spec['weights']}"
     if spec.get("image_size"):
         options += f" --image-size {spec['image_size']}"
-    return (f"{fs.path} has no entry of layer {layer_name(layer)} (it holds "
-            f"{', '.join(layer_name(x) for x in found)}); make it with `featurepipe embed "
-            f"{source}{options} --layers {','.join(layer_name(x) for x in wanted)} "
-            f"--out {fs.path}`")
+    held = ", ".join(layer_name(x) for x in _ordered(found))
+    names = ",".join(layer_name(x) for x in wanted)
+    return (f"{fs.path} has no entry of layer {layer_name(layer)} (it holds {held}); make it "
+            f"with `featurepipe embed {source}{options} --layers {names} --out {fs.path}`")
 
 
 @dataclass

@@ -122,11 +122,11 @@ class BlockStandardScaler(OneToOneFeatureMixin, TransformerMixin, BaseEstimator)
         -------
         self : BlockStandardScaler
         """
-        X = validate_data(self, X, dtype=[np.float64, np.float32])
-        self.block_dims_ = _checked_dims(self.block_dims, X.shape[1])
-        self.scaler_ = StandardScaler().fit(X)
+        data: np.ndarray = validate_data(self, X, dtype=[np.float64, np.float32])
+        self.block_dims_ = _checked_dims(self.block_dims, data.shape[1])
+        self.scaler_ = StandardScaler().fit(data)
         self.block_weights_ = block_weights(self.block_dims_)
-        self.weights_ = np.repeat(self.block_weights_, self.block_dims_).astype(X.dtype)
+        self.weights_ = np.repeat(self.block_weights_, self.block_dims_).astype(data.dtype)
         return self
 
     def transform(self, X: ArrayLike) -> np.ndarray:
@@ -141,8 +141,8 @@ class BlockStandardScaler(OneToOneFeatureMixin, TransformerMixin, BaseEstimator)
         ndarray of shape (n_samples, n_features)
         """
         check_is_fitted(self)
-        X = validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
-        return self.scaler_.transform(X) * self.weights_.astype(X.dtype, copy=False)
+        data: np.ndarray = validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
+        return self.scaler_.transform(data) * self.weights_.astype(data.dtype, copy=False)
 
     def inverse_transform(self, X: ArrayLike) -> np.ndarray:
         """Undo :meth:`transform`.
@@ -156,8 +156,8 @@ class BlockStandardScaler(OneToOneFeatureMixin, TransformerMixin, BaseEstimator)
         ndarray of shape (n_samples, n_features)
         """
         check_is_fitted(self)
-        X = validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
-        return self.scaler_.inverse_transform(X / self.weights_.astype(X.dtype, copy=False))
+        data: np.ndarray = validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
+        return self.scaler_.inverse_transform(data / self.weights_.astype(data.dtype, copy=False))
 
     def __sklearn_tags__(self) -> Any:
         tags = super().__sklearn_tags__()
