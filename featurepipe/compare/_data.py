@@ -118,7 +118,7 @@ def layer_features(backbone: str, layers: Sequence[str | None]
     from featurepipe.layer_entries import layer_name
 
     names = tuple(layer_name(x) for x in layers)
-    out = [(f"{backbone}@{name}", (name,)) for name in names]
+    out: list[tuple[str, tuple[str, ...]]] = [(f"{backbone}@{name}", (name,)) for name in names]
     if len(names) > 1:
         out.append((f"{backbone}@{','.join(names)}", names))
     return out
