@@ -5,7 +5,9 @@ image size; never the network weights), the class names, the feature-store entry
 parts the head was trained on, the metrics of its evaluation and the library versions. Loading it
 rebuilds the backbone from the spec, so features of new images are made exactly as in training;
 a head is refused (:class:`~featurepipe.exceptions.SpecMismatchError`) when offered features of
-another backbone, weights, layer, preprocessing or decode policy.
+another backbone, weights, layer, preprocessing or decode policy. A head on several layers side
+by side (``featurepipe fit --layers``) records each layer's key parts and width; its model
+embeds images at every layer and concatenates them in that order.
 
 Trust model
 -----------
