@@ -163,7 +163,8 @@ def load_layer_data(fs: FeatureStore, keys: Sequence[str],
                     layers: Sequence[str | None]) -> LayerData:
     """Load the entries ``keys`` and keep the rows (by id) that all of them hold.
 
-    Rows missing from, or skipped in, any layer are dropped for every layer, with one note.
+    Rows missing from, or skipped in, any layer are dropped for every layer, with one note; so
+    are rows whose file fingerprint differs between the layers (the file changed between runs).
 
     Raises
     ------
@@ -173,11 +174,14 @@ def load_layer_data(fs: FeatureStore, keys: Sequence[str],
     sets = [fs.load(k) for k in keys]
     first = sets[0]
     common = set(first.ids)
+    prints = [fs.lookup(k) for k in keys]
+    changed = {i for i in common for p in prints[1:] if i in p and p[i][1] != prints[0][i][1]}
     for s in sets[1:]:
         common &= set(s.ids)
         if s.class_names != first.class_names:
             raise ConfigError(f"{fs.path}: entries {keys[0]} and {s.key} have different class "
                               f"names; embed the layers from one source in one run")
+    common -= changed  # a file edited between the layers' runs: its rows describe two images
     ids = [i for i in first.ids if i in common]
     blocks, dims = [], []
     labels = None
@@ -193,10 +197,13 @@ def load_layer_data(fs: FeatureStore, keys: Sequence[str],
                               "differently; embed the layers from one source in one run")
     every = set().union(*(set(s.ids) for s in sets))
     notes = []
-    if len(every) > len(ids):
-        lost = sorted(every - common)
+    lost = sorted(every - common - changed)
+    if lost:
         notes.append(f"dropped {len(lost)} row(s) that some layer lacks or skipped "
                      f"(e.g. {lost[0]})")
+    if changed:
+        notes.append(f"dropped {len(changed)} row(s) whose file changed between the layers' "
+                     f"embeddings (e.g. {min(changed)}); embed the layers again to keep them")
     return LayerData(np.hstack(blocks) if blocks else np.zeros((0, 0), np.float32),
                      np.asarray(labels if labels is not None else [], dtype=np.int64), ids,
                      list(first.class_names), list(keys), tuple(layers), tuple(dims),

@@ -137,6 +137,14 @@ def test_rows_a_layer_lacks_are_dropped_with_a_note(two_layers, tmp_path, capsys
             "--out", tmp_path / "m.joblib", "--quiet"]
     assert main([str(a) for a in argv]) == 0
     assert capsys.readouterr().err.count("dropped 1 row(s)") == 1
+    # A file edited between the two layers' runs: its rows would describe two images.
+    edited = fewer / "bee" / "img_001.png"
+    edited.write_bytes(edited.read_bytes() + b"\0")
+    _embed(fewer, store, "blocks.4")
+    again = fit_store(store, "logreg", cv=2, test_size=0, layers=LAYERS)
+    assert again.n_train == 18
+    assert any("changed between the layers' embeddings (e.g. bee/img_001.png)" in w
+               for w in again.warnings)
 
 
 def test_layer_choice_reads_training_rows_only(two_layers, tmp_path):
