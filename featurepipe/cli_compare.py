@@ -94,6 +94,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         workers=args.workers, device=args.device, precision=args.precision, progress=not args.quiet,
         log=None if args.quiet else _say,
     )
+    if args.samples_per_class and args.layers:
+        raise ConfigError("--layers is for the comparison; learning curves take one --layer")
     if args.samples_per_class:
         curve = learning_curve(args.source, args.out, args.samples_per_class, seeds=args.seeds,
                                finetune=finetune if args.curve_finetune else None,
@@ -105,7 +107,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
             print(f"\nwrote {curve.paths['markdown']}, {curve.paths['json']}, "
                   f"{curve.paths['png']}")
         return 0
-    res = compare(args.source, args.out, finetune=finetune, val_size=args.val_size, **common)
+    res = compare(args.source, args.out, finetune=finetune, val_size=args.val_size,
+                  layers=args.layers, **common)
     if args.json:
         _print_json(res.to_dict())
     else:
@@ -140,6 +143,10 @@ def _add_compare(sub: Any) -> None:
     p.add_argument("--layer", default=None,
                    help="frozen arms use this named layer, globally average-pooled (e.g. "
                         "blocks.5); default: the penultimate layer")
+    p.add_argument("--layers", default=None,
+                   help="several layers, e.g. blocks.4,blocks.5,penultimate: frozen arms per "
+                        "layer (backbone@layer+head) and on all of them side by side, each "
+                        "layer standardised to the same total variance")
     p.add_argument("--heads", type=_csv, default=list(DEFAULT_HEADS),
                    help=f"head presets on frozen features (default {','.join(DEFAULT_HEADS)})")
     p.add_argument("--classical", default=",".join(DEFAULT_CLASSICAL),

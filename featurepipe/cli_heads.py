@@ -13,9 +13,9 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -23,6 +23,9 @@ from featurepipe.display import escape
 from featurepipe.exceptions import ConfigError, SourceError, SpecMismatchError
 from featurepipe.records import SkippedFile
 from featurepipe.store import FeatureStore
+
+if TYPE_CHECKING:
+    from featurepipe.layer_entries import LayerData
 
 __all__ = ["FitResult", "fit_store", "register"]
 
@@ -51,12 +54,21 @@ class FitResult:
     n_model_rows: int = 0
     #: Whether the head was refit on every labelled row after the evaluation split.
     refit: bool = False
+    #: The layers the head reads, in column order (None: the pooled penultimate layer), their
+    #: entry keys, key parts and widths; empty for a plain single-entry fit.
+    layers: tuple[str | None, ...] = ()
+    layer_keys: list[str] = field(default_factory=list)
+    layer_key_parts: list[dict] = field(default_factory=list)
+    block_dims: tuple[int, ...] = ()
+    #: With a layer choice: ``{"layers": [...], "val_accuracy": ...}`` per candidate, in order.
+    layer_scores: list[dict] = field(default_factory=list)
 
 
 def fit_store(store: str | os.PathLike, head: str = "logreg", *, key: str | None = None,
               cv: int = 5, test_size: float = 0.2, test_store: str | os.PathLike | None = None,
               seed: int = 0, chunk_rows: int = 4096, refit: bool = True,
-              progress: bool = False) -> FitResult:
+              progress: bool = False, layers: str | Sequence[str | None] | None = None,
+              choose_layers: bool = False) -> FitResult:
     """Fit a head on a feature-store entry and score it on a held-out split or another store.
 
     Parameters
@@ -84,6 +96,19 @@ def fit_store(store: str | os.PathLike, head: str = "logreg", *, key: str | None
         head is the refit one). ``False`` returns the split-trained head.
     progress : bool
         tqdm bars on stderr for the heads' searches.
+    layers : str or sequence, optional
+        Fit on these layers' entries (``"blocks.4,blocks.5"``; ``"penultimate"`` or None is the
+        pooled penultimate layer), all of one backbone setup (``key`` picks the setup when the
+        store holds several), on the rows every layer holds, side by side: several layers go
+        through a :class:`~featurepipe.heads.BlockStandardScaler`, so each weighs the same
+        whatever its width. ``"auto"``: every layer the store holds for the setup, with
+        ``choose_layers``.
+    choose_layers : bool
+        Choose among the candidates (each layer alone, then all of them side by side) by their
+        accuracy on a stratified validation split of the *training* rows
+        (:data:`CHOICE_VAL_SIZE`), each candidate fitted with the same head on the rest; the
+        test rows take no part. The scores are in ``layer_scores``; the model is fitted on the
+        winner. Ties go to the earlier candidate.
 
     Returns
     -------
@@ -92,14 +117,15 @@ def fit_store(store: str | os.PathLike, head: str = "logreg", *, key: str | None
     Raises
     ------
     ConfigError
-        Unlabelled rows, rows with non-finite features (named by id), or a split that cannot
-        be stratified.
+        Unlabelled rows, rows with non-finite features (named by id), a split that cannot
+        be stratified, or a layer without an entry (naming the embed command that makes it).
     """
     from sklearn.base import clone
 
     from featurepipe.backbones import BackboneSpec
     from featurepipe.heads import (
         OutOfCoreSGDClassifier,
+        block_head,
         chosen_params,
         fit_head,
         fixed_head,
@@ -110,19 +136,26 @@ def fit_store(store: str | os.PathLike, head: str = "logreg", *, key: str | None
     if not 0 <= float(test_size) < 1:
         raise ConfigError(f"test size must be in [0, 1); got {test_size}")
     fs = FeatureStore(store)
-    key = fs.resolve_key(key)
+    layered = _layer_data(fs, layers, key, choose_layers)
+    if layered is not None and len(layered.layers) == 1 and not choose_layers:
+        key, layered = layered.keys[0], None  # one layer: exactly a single-entry fit
+    key = fs.resolve_key(key if layered is None else layered.keys[0])
     attrs = fs.attrs(key)
     parts = key_parts_from_attrs(attrs)
     estimator = make_head(head, cv=cv, random_state=seed)
-    streaming = isinstance(estimator, OutOfCoreSGDClassifier)
-    data = None if streaming else fs.load(key)
+    streaming = layered is None and isinstance(estimator, OutOfCoreSGDClassifier)
+    data = (layered.as_feature_set() if layered is not None
+            else None if streaming else fs.load(key))
     labels = _labels(fs, key, chunk_rows) if data is None else data.labels
     class_names = fs.info(key)["classes"] if data is None else data.class_names
     _refuse_unlabelled(labels, store)  # non-finite rows are refused by the store's readers
 
     test: tuple[FeatureStore, str] | None = None
+    test_layers: LayerData | None = None
     is_train = np.ones(len(labels), dtype=bool)
-    if test_store is not None:
+    if test_store is not None and layered is not None:
+        test_layers = _matching_layers(FeatureStore(test_store), layered, test_store)
+    elif test_store is not None:
         tfs = FeatureStore(test_store)
         tkey = _matching_key(tfs, key, parts)
         check_same_spec(parts, key_parts_from_attrs(tfs.attrs(tkey)),
@@ -131,7 +164,16 @@ def fit_store(store: str | os.PathLike, head: str = "logreg", *, key: str | None
     elif test_size > 0:
         is_train = _split(labels, float(test_size), seed, store)
 
-    notes: list[str] = []
+    notes: list[str] = list(layered.notes) if layered is not None else []
+    scores: list[dict] = []
+    if layered is not None and choose_layers:
+        layered, scores = _choose_layers(layered, head, cv, seed, is_train, store, progress)
+        data = layered.as_feature_set()
+        key = layered.keys[0]  # the model describes the chosen layers
+        attrs = fs.attrs(key)
+        parts = key_parts_from_attrs(attrs)
+    if layered is not None and len(layered.layers) > 1:
+        estimator = block_head(estimator, layered.block_dims)
     if data is None:  # out-of-core: one chunk in memory at a time
         fitted = estimator.set_params(chunk_rows=int(chunk_rows))
         t0 = time.perf_counter()
@@ -140,12 +182,16 @@ def fit_store(store: str | os.PathLike, head: str = "logreg", *, key: str | None
     else:
         fitted, info = fit_head(estimator, data.features[is_train], labels[is_train],
                                 progress=progress)
-        seconds, params, notes = info["fit_seconds"], info["params"], info["warnings"]
+        seconds, params = info["fit_seconds"], info["params"]
+        notes += info["warnings"]
 
     y_true: np.ndarray | None = None
     y_pred: np.ndarray | None = None
     metrics = None
-    if test is not None:
+    if test_layers is not None and layered is not None:
+        y_true, y_pred = _predict_layers(fitted, test_layers.select(
+            [test_layers.layers.index(x) for x in layered.layers]), class_names, test_store)
+    elif test is not None:
         y_true, y_pred = _predict_store(fitted, test[0], test[1], class_names, chunk_rows,
                                         streaming)
     elif not is_train.all():
@@ -165,7 +211,100 @@ def fit_store(store: str | os.PathLike, head: str = "logreg", *, key: str | None
         backbone_spec=BackboneSpec.from_dict(attrs["spec"]), params=params, fit_seconds=seconds,
         n_train=int(is_train.sum()), n_test=0 if y_true is None else len(y_true),
         metrics=metrics, y_true=y_true, y_pred=y_pred, warnings=list(notes),
-        n_model_rows=len(labels) if refit else int(is_train.sum()), refit=refit)
+        n_model_rows=len(labels) if refit else int(is_train.sum()), refit=refit,
+        layers=() if layered is None else layered.layers,
+        layer_keys=[] if layered is None else list(layered.keys),
+        layer_key_parts=[] if layered is None else list(layered.key_parts),
+        block_dims=() if layered is None else layered.block_dims, layer_scores=scores)
+
+
+#: Fraction of the training rows held out to choose among layer candidates.
+CHOICE_VAL_SIZE = 0.2
+
+
+def _layer_data(fs: FeatureStore, layers: str | Sequence[str | None] | None, key: str | None,
+                choose: bool) -> LayerData | None:
+    """The requested layers' rows side by side (None: no layer list, a plain entry fit)."""
+    from featurepipe.layer_entries import find_layer_entries, load_layer_data, parse_layers
+
+    if layers is None:
+        if choose:
+            raise ConfigError("choosing layers needs a layer list: give layers (or 'auto')")
+        return None
+    auto = isinstance(layers, str) and layers.strip() == "auto"
+    if auto and not choose:
+        raise ConfigError("layers='auto' chooses among the stored layers: pass "
+                          "choose_layers=True (the CLI's --layers auto does)")
+    keys, found = find_layer_entries(fs, None if auto else parse_layers(layers), key=key)
+    return load_layer_data(fs, keys, found)
+
+
+def _choose_layers(data: LayerData, head: str, cv: int, seed: int, is_train: np.ndarray,
+                   store: Any, progress: bool) -> tuple[LayerData, list[dict]]:
+    """The candidate with the best accuracy on a validation split of the training rows.
+
+    Only rows where ``is_train`` is True are read: the test rows choose nothing.
+    """
+    from sklearn.metrics import accuracy_score
+
+    from featurepipe.heads import block_head, fit_head, make_head
+    from featurepipe.layer_entries import layer_name
+    from featurepipe.splits import stratified_split
+
+    rows = np.flatnonzero(is_train)
+    labels = data.labels[rows]
+    count = max(int(np.ceil(CHOICE_VAL_SIZE * len(rows))), len(np.unique(labels)))
+    try:
+        fit_pos, val_pos = stratified_split(labels, count, seed=seed,
+                                            what="layer-choice validation split")
+    except ConfigError as exc:
+        raise ConfigError(f"{store}: too few training rows to choose a layer ({exc}); name "
+                          "the layers instead of choosing") from None
+    fit_rows, val_rows = rows[fit_pos], rows[val_pos]
+    n = len(data.layers)
+    candidates = [[b] for b in range(n)] + ([list(range(n))] if n > 1 else [])
+    scores: list[dict[str, Any]] = []
+    accuracies: list[float] = []
+    for blocks in candidates:
+        sub = data.select(blocks)
+        estimator = make_head(head, cv=cv, random_state=seed)
+        if len(blocks) > 1:
+            estimator = block_head(estimator, sub.block_dims)
+        fitted, _ = fit_head(estimator, sub.features[fit_rows], labels[fit_pos],
+                             progress=progress)
+        acc = float(accuracy_score(labels[val_pos], fitted.predict(sub.features[val_rows])))
+        scores.append({"layers": [layer_name(x) for x in sub.layers], "val_accuracy": acc,
+                       "n_fit": len(fit_rows), "n_val": len(val_rows)})
+        accuracies.append(acc)
+    best = int(np.argmax(accuracies))  # the first of equals
+    for c, score in enumerate(scores):
+        score["chosen"] = c == best
+    return data.select(candidates[best]), scores
+
+
+def _matching_layers(tfs: FeatureStore, train: LayerData, test_store: Any) -> LayerData:
+    """The test store's entries of the training layers (same spec each), rows aligned."""
+    from featurepipe.layer_entries import load_layer_data
+    from featurepipe.model import check_same_spec, key_parts_from_attrs
+
+    keys = []
+    for key, parts in zip(train.keys, train.key_parts, strict=True):
+        tkey = _matching_key(tfs, key, parts)
+        check_same_spec(parts, key_parts_from_attrs(tfs.attrs(tkey)),
+                        f"features in test store {test_store}")
+        keys.append(tkey)
+    return load_layer_data(tfs, keys, train.layers)
+
+
+def _predict_layers(head: Any, test: LayerData, class_names: list[str], test_store: Any
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    unknown = sorted(set(test.class_names) - set(class_names))
+    if unknown:
+        raise ConfigError(f"test store {test_store} has classes {unknown} that the training "
+                          f"store lacks (training classes: {class_names})")
+    _refuse_unlabelled(test.labels, test_store)
+    mapping = np.array([class_names.index(name) for name in test.class_names], dtype=np.int64)
+    return mapping[test.labels], head.predict(test.features)
 
 
 def _labels(fs: FeatureStore, key: str, chunk_rows: int) -> np.ndarray:
@@ -303,13 +442,21 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from featurepipe.model import save_model
 
     check_writable(args.out)
+    from featurepipe.layer_entries import layer_name
+
+    auto = args.layers is not None and args.layers.strip() == "auto"
     result = fit_store(args.store, args.head, key=args.key, cv=args.cv,
                        test_size=args.test_size, test_store=args.test, seed=args.seed,
                        chunk_rows=args.chunk_rows, refit=not args.no_refit,
-                       progress=not args.quiet)
+                       progress=not args.quiet, layers=args.layers,
+                       choose_layers=auto or args.choose_layers)
     metrics = result.metrics or {}
+    layers = [layer_name(x) for x in result.layers]
     summary = {
         "store": args.store, "key": result.store_key, "head": args.head,
+        **({"layers": layers, "layer_keys": result.layer_keys,
+            "block_dims": list(result.block_dims)} if layers else {}),
+        **({"layer_scores": result.layer_scores} if result.layer_scores else {}),
         "params": result.params, "fit_seconds": result.fit_seconds,
         "n_train": result.n_train, "n_test": result.n_test, "classes": result.class_names,
         "test": args.test or (f"stratified split {args.test_size:g}" if args.test_size else None),
@@ -320,14 +467,24 @@ def cmd_fit(args: argparse.Namespace) -> int:
     }
     save_model(args.out, result.head, result.backbone_spec, result.class_names,
                result.store_key, result.key_parts,
-               metrics={k: v for k, v in summary.items() if k != "model"})
+               metrics={k: v for k, v in summary.items() if k != "model"},
+               layers=[{"key": k, "key_parts": p, "dim": d} for k, p, d in
+                       zip(result.layer_keys, result.layer_key_parts, result.block_dims,
+                           strict=True)])
     if args.plots and result.y_true is not None and result.y_pred is not None:
         summary["plots"] = [_plot_confusion(args.plots, result.y_true, result.y_pred,
                                             result.class_names)]
     if args.json:
         _json(summary)
         return 0
-    print(f"fit {args.head} on {args.store} (entry {result.store_key}): {result.n_train} train "
+    for note in result.warnings:
+        _say(f"featurepipe: note: {note}")
+    for score in result.layer_scores:
+        print(f"layer candidate {'+'.join(score['layers'])}: validation accuracy "
+              f"{score['val_accuracy']:.4f} ({score['n_val']} of the training rows)"
+              f"{'  <- chosen' if score['chosen'] else ''}")
+    where = (f"layers {', '.join(layers)}" if layers else f"entry {result.store_key}")
+    print(f"fit {args.head} on {args.store} ({where}): {result.n_train} train "
           f"/ {result.n_test} test rows, {len(result.class_names)} classes, "
           f"{result.fit_seconds:.2f} s")
     print("chosen: " + (", ".join(f"{k}={v}" for k, v in result.params.items()) or "-"))
@@ -457,6 +614,13 @@ def register(sub: Any) -> None:
                        help="stratified held-out fraction (default 0.2; 0 = no test)")
     group.add_argument("--test", default=None, help="score on this feature store instead")
     p.add_argument("--key", default=None, help="entry key when the store holds several")
+    p.add_argument("--layers", default=None,
+                   help="fit on these layers side by side, each standardised to the same total "
+                        "variance (e.g. blocks.4,blocks.5,penultimate; entries made by `embed "
+                        "--layers`); 'auto': choose among every stored layer of the backbone")
+    p.add_argument("--choose-layers", action="store_true",
+                   help="choose among the --layers (each alone, then all together) by "
+                        "validation accuracy on the training rows only; the scores are printed")
     p.add_argument("--out", required=True, help="model file (.joblib, or .skops: no pickle)")
     p.add_argument("--plots", default=None, help="folder for a confusion-matrix PNG")
     p.add_argument("--seed", type=int, default=0, help="seed of the split and the search")

@@ -5,7 +5,9 @@ image size; never the network weights), the class names, the feature-store entry
 parts the head was trained on, the metrics of its evaluation and the library versions. Loading it
 rebuilds the backbone from the spec, so features of new images are made exactly as in training;
 a head is refused (:class:`~featurepipe.exceptions.SpecMismatchError`) when offered features of
-another backbone, weights, layer, preprocessing or decode policy.
+another backbone, weights, layer, preprocessing or decode policy. A head on several layers side
+by side (``featurepipe fit --layers``) records each layer's key parts and width; its model
+embeds images at every layer and concatenates them in that order.
 
 Trust model
 -----------
@@ -51,12 +53,16 @@ from featurepipe.identity import (
 )
 from featurepipe.records import SkippedFile
 
+#: Key parts of one store entry, or of each layer of a model on several layers.
+KeyParts = Mapping[str, Any] | Sequence[Mapping[str, Any]]
+
 __all__ = ["KEY_PART_NAMES", "SKOPS_TRUSTED", "SPEC_PARTS", "Embedded", "ImageClassifier",
            "check_same_spec", "classification_metrics", "key_parts_from_attrs", "load_model",
            "save_model", "spec_differences"]
 
 MODEL_FORMAT = "featurepipe-model"
-MODEL_FORMAT_VERSION = 1
+#: The newest format this featurepipe reads: 2 adds layer lists (a head on several layers).
+MODEL_FORMAT_VERSION = 2
 #: Versions compared on load (a difference warns).
 CHECKED_PACKAGES = ("featurepipe", "scikit-learn", "numpy", "torch", "torchvision", "timm")
 #: Types beyond skops' defaults that the head presets need (all plain data holders).
@@ -154,6 +160,11 @@ class ImageClassifier:
         Key parts of that entry (see :func:`featurepipe.identity.key_parts`).
     metrics, versions : dict, optional
         Evaluation and library versions recorded at save time.
+    layers : sequence of mapping, optional
+        For a head on several layers side by side: one ``{"layer", "key", "key_parts",
+        "dim"}`` record per layer, in column order (``key_parts`` and ``backbone_spec`` then
+        describe the first). Images are embedded at every layer and the blocks concatenated in
+        this order.
     device, precision, batch_size, workers, cache, progress
         Passed to :class:`~featurepipe.estimators.ImageEmbedder`.
 
@@ -168,7 +179,8 @@ class ImageClassifier:
     def __init__(self, head: BaseEstimator, backbone_spec: BackboneSpec,
                  class_names: Sequence[str], *, store_key: str | None = None,
                  key_parts: Mapping[str, Any] | None = None, metrics: dict | None = None,
-                 versions: dict | None = None, device: str = "auto", precision: str = "auto",
+                 versions: dict | None = None, layers: Sequence[Mapping[str, Any]] | None = None,
+                 device: str = "auto", precision: str = "auto",
                  batch_size: int = 64, workers: int | None = None,
                  cache: str | os.PathLike | None = None, progress: bool = False) -> None:
         check_is_fitted(head)
@@ -179,6 +191,7 @@ class ImageClassifier:
         self.key_parts = dict(key_parts or {})
         self.metrics = metrics
         self.versions = versions or {}
+        self.layers = [dict(layer) for layer in layers or ()]
         self.embed_options: dict[str, Any] = {
             "device": device, "precision": precision, "batch_size": batch_size,
             "workers": workers, "cache": cache, "progress": progress}
@@ -190,6 +203,20 @@ class ImageClassifier:
                 f"head={type(self.head).__name__}, classes={len(self.classes_)})")
 
     @property
+    def layer_names(self) -> list[str | None]:
+        """The layers the head reads, in column order (None: the pooled penultimate layer)."""
+        return ([layer.get("layer") for layer in self.layers] if self.layers
+                else [self.backbone_spec.layer])
+
+    @property
+    def block_dims(self) -> tuple[int, ...]:
+        """Width of each layer's block of columns (one block for a single-layer model)."""
+        if self.layers:
+            return tuple(int(layer["dim"]) for layer in self.layers)
+        width = getattr(self.head, "n_features_in_", None)
+        return () if width is None else (int(width),)
+
+    @property
     def score_kind(self) -> str:
         return "probability" if hasattr(self.head, "predict_proba") else "decision"
 
@@ -199,6 +226,12 @@ class ImageClassifier:
         """Features of images with the model's own backbone; bad images are listed, not raised."""
         from featurepipe.estimators import ImageEmbedder
 
+        if self.layers:
+            features, bad, ids = _embed_layers(self, X)
+            valid = np.ones(len(features), dtype=bool)
+            valid[[pos for pos, _, _ in bad]] = False
+            return Embedded(features, ids, valid,
+                            [SkippedFile(id_, reason) for _, id_, reason in sorted(bad)])
         if self._embedder is None:
             spec = self.backbone_spec
             embedder = ImageEmbedder(
@@ -224,9 +257,10 @@ class ImageClassifier:
                               "images' features and the list of bad ones")
         return emb.features
 
-    def _checked(self, F: Any, key_parts: Mapping[str, Any] | None) -> np.ndarray:
+    def _checked(self, F: Any, key_parts: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None
+                 ) -> np.ndarray:
         if key_parts is not None:
-            check_same_spec(self.key_parts, key_parts, "these features")
+            _check_layer_parts(self, key_parts)
         F = np.asarray(F, dtype=np.float32)
         width = getattr(self.head, "n_features_in_", None)
         if F.ndim != 2 or (width is not None and F.shape[1] != width):
@@ -237,13 +271,15 @@ class ImageClassifier:
 
     # -- on features -----------------------------------------------------------------------
 
-    def predict_features(self, F: Any, *, key_parts: Mapping[str, Any] | None = None
-                         ) -> np.ndarray:
-        """Class names for a feature matrix; ``key_parts`` (of the store) are checked first."""
+    def predict_features(self, F: Any, *, key_parts: KeyParts | None = None) -> np.ndarray:
+        """Class names for a feature matrix; ``key_parts`` (of the store) are checked first.
+
+        A model on several layers takes their columns side by side, in :attr:`layer_names`
+        order, and ``key_parts`` as one mapping per layer.
+        """
         return self._names(self.head.predict(self._checked(F, key_parts)))
 
-    def scores_features(self, F: Any, *, key_parts: Mapping[str, Any] | None = None
-                        ) -> np.ndarray:
+    def scores_features(self, F: Any, *, key_parts: KeyParts | None = None) -> np.ndarray:
         """(n, n_classes) probabilities, or decision scores (see :attr:`score_kind`)."""
         F = self._checked(F, key_parts)
         if self.score_kind == "probability":
@@ -251,7 +287,7 @@ class ImageClassifier:
         scores = np.asarray(self.head.decision_function(F))
         return np.column_stack([-scores, scores]) if scores.ndim == 1 else scores
 
-    def top_k_features(self, F: Any, k: int = 5, *, key_parts: Mapping[str, Any] | None = None
+    def top_k_features(self, F: Any, k: int = 5, *, key_parts: KeyParts | None = None
                        ) -> list[list[tuple[str, float]]]:
         """The ``k`` best (class name, score) pairs per row, best first."""
         scores = self.scores_features(F, key_parts=key_parts)
@@ -319,6 +355,52 @@ class ImageClassifier:
         return np.array([lookup[label] for label in np.asarray(labels).tolist()], dtype=object)
 
 
+def _check_layer_parts(model: ImageClassifier, key_parts: KeyParts) -> None:
+    """Refuse features whose key parts (one mapping per layer) differ from the model's."""
+    if not model.layers:
+        if not isinstance(key_parts, Mapping):
+            raise ConfigError("this model reads one layer; pass its key parts as one mapping")
+        check_same_spec(model.key_parts, key_parts, "these features")
+        return
+    if isinstance(key_parts, Mapping) or len(key_parts) != len(model.layers):
+        raise ConfigError(f"this model reads {len(model.layers)} layers side by side; pass "
+                          "key_parts as one mapping per layer, in layer order")
+    for layer, parts in zip(model.layers, key_parts, strict=True):
+        check_same_spec(layer["key_parts"], parts, "these features")
+
+
+def _embed_layers(model: ImageClassifier, X: Any
+                  ) -> tuple[np.ndarray, list[tuple[int, str, str]], list[str]]:
+    """Features of every layer of ``model`` side by side, bad images, ids.
+
+    One :class:`~featurepipe.estimators.ImageEmbedder` (one in-memory embedding pass) per
+    layer; an image bad at any layer is bad for all. The only place a multi-layer model
+    embeds, so a one-pass extractor replaces it alone.
+    """
+    from featurepipe.estimators import ImageEmbedder
+
+    if model._embedder is None:
+        embedders = []
+        for layer in model.layers:
+            spec = BackboneSpec.from_dict(layer["key_parts"]["spec"])
+            embedder = ImageEmbedder(
+                spec.name, weights=spec.weights, layer=spec.layer, image_size=spec.image_size,
+                dtype=layer["key_parts"].get("dtype") or "float32", on_error="zero",
+                **model.embed_options).fit(X)
+            check_same_spec(layer["key_parts"], embedder.key_parts_,
+                            f"features of backbone {spec.name} layer {spec.layer} as loaded now")
+            embedders.append(embedder)
+        model._embedder = embedders
+    blocks, bad, ids = [], {}, []
+    for embedder in model._embedder:
+        features, bad_here, ids = embedder.embed_positions(X)
+        blocks.append(features)
+        bad.update({pos: (pos, id_, reason) for pos, id_, reason in bad_here})
+    features = np.hstack(blocks)
+    features[list(bad)] = 0.0
+    return features, list(bad.values()), ids
+
+
 def _class_names_of(head: BaseEstimator, class_names: list[str]) -> np.ndarray:
     """Names of ``head.classes_``: ints index ``class_names``; strings must be among them."""
     labels = np.asarray(head.classes_).tolist()
@@ -336,7 +418,8 @@ def _class_names_of(head: BaseEstimator, class_names: list[str]) -> np.ndarray:
 def save_model(path: str | os.PathLike, head: BaseEstimator,
                backbone_spec: BackboneSpec | Mapping[str, Any] | str,
                class_names: Sequence[str], store_key: str | None,
-               key_parts: Mapping[str, Any], metrics: dict | None = None) -> str:
+               key_parts: Mapping[str, Any], metrics: dict | None = None, *,
+               layers: Sequence[Mapping[str, Any]] | None = None) -> str:
     """Write a fitted head and what it needs to predict from images to one file.
 
     Parameters
@@ -353,6 +436,10 @@ def save_model(path: str | os.PathLike, head: BaseEstimator,
         The training entry's key parts (``key_parts_from_attrs(store.attrs(key))``).
     metrics : dict, optional
         JSON-able evaluation results kept for reference.
+    layers : sequence of mapping, optional
+        A head on several layers side by side: ``{"layer", "key", "key_parts", "dim"}`` per
+        layer in column order (see :class:`ImageClassifier`). Such a file needs a featurepipe
+        that reads layer lists (model format 2); single-layer files stay format 1.
 
     Returns
     -------
@@ -369,8 +456,10 @@ def save_model(path: str | os.PathLike, head: BaseEstimator,
     if missing:
         raise ConfigError(f"key_parts lack {missing}; pass the training store entry's key parts "
                           "(featurepipe.model.key_parts_from_attrs(store.attrs(key)))")
+    records = _layer_records(layers or (), getattr(head, "n_features_in_", None))
     payload = {
-        "format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION,
+        "format": MODEL_FORMAT, "format_version": 2 if records else 1,
+        **({"layers": records} if records else {}),
         "head": head, "backbone_spec": spec.to_dict(), "class_names": names,
         "store_key": store_key, "key_parts": json.loads(canonical(dict(key_parts))),
         "metrics": json.loads(json.dumps(metrics, default=_jsonable)) if metrics else None,
@@ -456,7 +545,27 @@ def load_model(path: str | os.PathLike, *, trusted: Sequence[str] = (),
     return ImageClassifier(
         payload["head"], spec, payload["class_names"], store_key=payload.get("store_key"),
         key_parts=payload.get("key_parts"), metrics=payload.get("metrics"),
-        versions=payload.get("versions"), **embed_options)
+        versions=payload.get("versions"), layers=payload.get("layers"), **embed_options)
+
+
+def _layer_records(layers: Sequence[Mapping[str, Any]], width: int | None
+                   ) -> list[dict[str, Any]]:
+    """Checked, JSON-able layer records; [] for a single-layer head."""
+    if len(layers) < 2:
+        return []
+    records = []
+    for layer in layers:
+        missing = [name for name in ("key_parts", "dim") if name not in layer]
+        parts = layer.get("key_parts") or {}
+        missing += [f"key_parts[{name!r}]" for name in SPEC_PARTS if name not in parts]
+        if missing:
+            raise ConfigError(f"layer record {dict(layer).get('layer')!r} lacks {missing}")
+        records.append({"layer": parts.get("layer"), "key": layer.get("key"),
+                        "key_parts": json.loads(canonical(dict(parts))), "dim": int(layer["dim"])})
+    if width is not None and sum(r["dim"] for r in records) != width:
+        raise ConfigError(f"the layers' widths {[r['dim'] for r in records]} add up to "
+                          f"{sum(r['dim'] for r in records)}, but the head takes {width} features")
+    return records
 
 
 #: What every model file holds besides its format marker (see :func:`save_model`).

@@ -120,6 +120,7 @@ def compare(
     weights: str | None = None,
     image_size: int | None = None,
     layer: str | None = None,
+    layers: str | Sequence[str | None] | None = None,
     heads: str | Sequence[str] | None = DEFAULT_HEADS,
     classical: str | Sequence[str] | None = DEFAULT_CLASSICAL,
     finetune: str | Sequence[str] | None = FINETUNE_STRATEGIES,
@@ -182,6 +183,14 @@ def compare(
         unknown name lists the known ones); default: the pooled penultimate layer.
         Intermediate layers often transfer better to images far from ImageNet. Fine-tuning
         always trains the whole network.
+    layers : str or sequence, optional
+        Several layers (``"blocks.4,blocks.5,penultimate"``; ``penultimate`` or None is the
+        pooled penultimate layer) instead of ``layer``: frozen arms per layer and head
+        (``efficientnet_lite0@blocks.5+logreg``) and, for several layers, per head on all of
+        them side by side, each layer standardised to the same total variance
+        (``efficientnet_lite0@blocks.4,blocks.5,penultimate+logreg``). Every arm trains on the
+        same rows with the same search; the validation accuracy picks the headline arm among
+        them like among any others.
     heads : str, sequence of str or None
         Head presets (:data:`featurepipe.heads.HEAD_PRESETS`) trained on each backbone's features
         (``None`` or ``()``: no frozen arms).
@@ -232,13 +241,15 @@ def compare(
     classical_list, strategies = _tuple(classical), _tuple(finetune)
     if not bbs:
         raise ConfigError("backbones is empty; give at least one (e.g. efficientnet_lite0)")
-    arms = build_arms(classical_list, bbs, head_list, strategies, bbs[0])
+    layer_list = _layer_list(layer, layers)
+    arms = build_arms(classical_list, bbs, head_list, strategies, bbs[0], layers=layer_list)
     if not arms:
         raise ConfigError("no arms to compare: give heads, classical arms or finetune strategies")
     caps = same_caps(arms, max_train)
     settings = _settings(locals())
     prep = _prepare(source, out, labels, test_source, test_size, seed, bbs, weights, image_size,
-                    layer, batch_size, workers, device, precision, progress, arms, settings, say)
+                    layer, batch_size, workers, device, precision, progress, arms, settings, say,
+                    layers=layer_list)
     fit_rows, val_rows = (validation_split(prep.train, val_size, seed) if val_size
                           else (prep.train, None))
     prep.split.update({"n_fit": len(fit_rows), "n_val": 0 if val_rows is None else len(val_rows),
@@ -276,6 +287,18 @@ def arm_bar(total: int, progress: bool) -> Any:
     return tqdm(total=total, desc="compare arms", unit="arm", disable=not progress)
 
 
+def _layer_list(layer: str | None, layers: str | Sequence[str | None] | None
+                ) -> tuple[str | None, ...] | None:
+    """The parsed layer list, or None when only ``layer`` (one layer, as before) is given."""
+    from featurepipe.layer_entries import parse_layers
+
+    if layers is None:
+        return None
+    if layer is not None:
+        raise ConfigError(f"give layer={layer!r} or layers={layers!r}, not both")
+    return parse_layers(layers)
+
+
 def same_caps(arms: Sequence[ArmSpec], max_train: int | Mapping[str, int] | None
               ) -> dict[str, int]:
     """``max_train`` as a pattern mapping that gives every arm the same cap (or none)."""
@@ -292,7 +315,8 @@ def same_caps(arms: Sequence[ArmSpec], max_train: int | Mapping[str, int] | None
 
 
 def _settings(args: dict[str, Any]) -> dict[str, Any]:
-    keep = ("test_size", "val_size", "seed", "backbones", "weights", "image_size", "layer", "heads",
+    keep = ("test_size", "val_size", "seed", "backbones", "weights", "image_size", "layer",
+            "layers", "heads",
             "classical", "finetune", "finetune_epochs", "finetune_params", "max_train",
             "pixel_size", "pixel_mode", "hog_size", "hog_cell", "cv", "n_jobs", "batch_size",
             "workers", "device", "precision")
@@ -303,6 +327,10 @@ def _settings(args: dict[str, Any]) -> dict[str, Any]:
     out["max_train"] = (out["max_train"] if isinstance(out["max_train"], int)
                         else dict(out["max_train"] or {}))
     out["test_source"] = args["test_source"] is not None
+    if out["layers"] is not None:
+        from featurepipe.layer_entries import layer_name, parse_layers
+
+        out["layers"] = [layer_name(x) for x in parse_layers(out["layers"])]
     return out
 
 
@@ -311,8 +339,9 @@ def _prepare(source: Any, out: Path, labels: Any, test_source: Any, test_size: f
              layer: str | None, batch_size: int, workers: int | None, device: str,
              precision: str, progress: bool,
              arms: list[ArmSpec], settings: dict[str, Any],
-             say: Callable[[str], None]) -> Prepared:
-    needs = {a.features for a in arms}
+             say: Callable[[str], None],
+             layers: tuple[str | None, ...] | None = None) -> Prepared:
+    needs = {a.features for a in arms} | {a.backbone for a in arms if a.family == "frozen"}
     spec = None
     if needs & {PIXELS, HOG}:
         spec = PixelSpec(settings["pixel_size"], settings["pixel_mode"], settings["hog_size"],
@@ -327,7 +356,7 @@ def _prepare(source: Any, out: Path, labels: Any, test_source: Any, test_size: f
                     "progress": progress}
     return prepare(source, out, labels=labels, test_source=test_source, test_size=test_size,
                    seed=seed, backbones=embed_bbs, embed_kwargs=embed_kwargs, pixel_spec=spec,
-                   with_hog=HOG in needs, say=say)
+                   with_hog=HOG in needs, say=say, layers=layers)
 
 
 def _finetune_params(epochs: int, extra: Mapping[str, Any] | None, weights: str | None,

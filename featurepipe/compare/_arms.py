@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from featurepipe.compare._data import HOG, PIXELS, Part, ids_digest
+from featurepipe.compare._data import HOG, PIXELS, Part, ids_digest, layer_features
 from featurepipe.compare._measure import Measure
 from featurepipe.exceptions import ConfigError
 from featurepipe.finetune.loop import Callback
@@ -51,7 +51,9 @@ class ArmSpec:
 
     ``family`` is ``"classical"`` (features computed from pixels, model trained from scratch),
     ``"frozen"`` (pretrained features + a head preset) or ``"finetune"``; ``features`` names the
-    feature matrix (``"pixels"``, ``"hog"`` or a backbone name; ``"images"`` for fine-tuning).
+    feature matrix (``"pixels"``, ``"hog"``, a backbone name, or ``backbone@layer`` with a
+    layer list; ``"images"`` for fine-tuning). ``layers`` are the layers a frozen arm reads
+    (several: side by side, through a :class:`~featurepipe.heads.BlockStandardScaler`).
     """
 
     name: str
@@ -61,11 +63,18 @@ class ArmSpec:
     strategy: str | None = None
     backbone: str | None = None
     head_params: tuple[tuple[str, Any], ...] = ()
+    layers: tuple[str, ...] = ()
 
 
 def build_arms(classical: tuple[str, ...], backbones: tuple[str, ...], heads: tuple[str, ...],
-               finetune: tuple[str, ...], finetune_backbone: str) -> list[ArmSpec]:
-    """The arms in report order: classical, then frozen (per backbone x head), then fine-tune."""
+               finetune: tuple[str, ...], finetune_backbone: str,
+               layers: tuple[str | None, ...] | None = None) -> list[ArmSpec]:
+    """The arms in report order: classical, then frozen (per backbone x head), then fine-tune.
+
+    With ``layers``, each backbone gets frozen arms per layer and, for several layers, per
+    head on all of them side by side (``efficientnet_lite0@blocks.5+logreg``,
+    ``efficientnet_lite0@blocks.4,blocks.5+logreg``).
+    """
     from featurepipe.finetune import STRATEGIES
 
     arms = []
@@ -76,7 +85,13 @@ def build_arms(classical: tuple[str, ...], backbones: tuple[str, ...], heads: tu
         feats, head, overrides = CLASSICAL_ARMS[name]
         arms.append(ArmSpec(name, "classical", feats, head=head, head_params=overrides))
     for bb in backbones:
-        arms += [ArmSpec(f"{bb}+{head}", "frozen", bb, head=head, backbone=bb) for head in heads]
+        if layers is None:
+            arms += [ArmSpec(f"{bb}+{head}", "frozen", bb, head=head, backbone=bb)
+                     for head in heads]
+            continue
+        arms += [ArmSpec(f"{feats}+{head}", "frozen", feats, head=head, backbone=bb,
+                         layers=names)
+                 for feats, names in layer_features(bb, layers) for head in heads]
     for strategy in finetune:
         if strategy not in STRATEGIES:
             raise ConfigError(f"unknown fine-tuning strategy {strategy!r}; choose from "
@@ -151,6 +166,7 @@ def run_arm(arm: ArmSpec, train: Part, test: Part, ctx: ArmContext,
     return {
         "arm": arm.name, "family": arm.family, "features": arm.features,
         "head": arm.head, "strategy": arm.strategy, "backbone": arm.backbone,
+        **({"layers": list(arm.layers)} if arm.layers else {}),
         "accuracy": float(accuracy_score(test.labels, pred)),
         "accuracy_ci95": [test_ci["ci_low"], test_ci["ci_high"]],
         "val_accuracy": (None if val is None or val_pred is None
@@ -174,19 +190,22 @@ Preds = tuple[np.ndarray, np.ndarray | None]
 
 def _head(arm: ArmSpec, train: Part, test: Part, ctx: ArmContext, val: Part | None
           ) -> tuple[float, float, Preds, dict[str, Any], dict[str, Any]]:
-    from featurepipe.heads import fit_head, make_head
+    from featurepipe.heads import block_head, fit_head, make_head
 
     head = _override(make_head(arm.head or "logreg", cv=ctx.cv, random_state=ctx.seed,
                                n_jobs=ctx.n_jobs), dict(arm.head_params))
-    X_train = _as_float(train.features[arm.features])
+    if len(arm.layers) > 1:
+        head = block_head(head, [train.features[f"{arm.backbone}@{name}"].shape[1]
+                                 for name in arm.layers])
+    X_train = _matrix(arm, train)
     threads = 1 if X_train.size < SINGLE_THREAD_BELOW else None
     with threadpool_limits(limits=threads, user_api="blas"):
         fitted, info = fit_head(head, X_train, train.labels)
     del X_train
     t0 = time.perf_counter()
-    pred = fitted.predict(_as_float(test.features[arm.features]))
+    pred = fitted.predict(_matrix(arm, test))
     predict_s = time.perf_counter() - t0
-    val_pred = None if val is None else fitted.predict(_as_float(val.features[arm.features]))
+    val_pred = None if val is None else fitted.predict(_matrix(arm, val))
     return info["fit_seconds"], predict_s, (pred, val_pred), info["params"], {}
 
 
@@ -197,6 +216,14 @@ def _override(head: Any, params: dict[str, Any]) -> Any:
         head.set_params(**{path: params[path.rsplit("__", 1)[-1]] for path in names
                            if path.rsplit("__", 1)[-1] in params})
     return head
+
+
+def _matrix(arm: ArmSpec, part: Part) -> np.ndarray:
+    """The arm's float32 features of ``part``: several layers side by side, in layer order."""
+    if len(arm.layers) > 1:
+        return np.hstack([_as_float(part.features[f"{arm.backbone}@{name}"])
+                          for name in arm.layers])
+    return _as_float(part.features[arm.features])
 
 
 def _as_float(X: np.ndarray) -> np.ndarray:

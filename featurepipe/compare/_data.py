@@ -108,20 +108,71 @@ class EmbedLog:
         return self.data.get(key, {})
 
 
+def layer_features(backbone: str, layers: Sequence[str | None]
+                   ) -> list[tuple[str, tuple[str, ...]]]:
+    """(feature name, layer names) of each layer alone, then of all of them side by side.
+
+    ``efficientnet_lite0@blocks.5`` names one layer's features,
+    ``efficientnet_lite0@blocks.4,blocks.5`` the concatenation (``penultimate`` for None).
+    """
+    from featurepipe.layer_entries import layer_name
+
+    names = tuple(layer_name(x) for x in layers)
+    out: list[tuple[str, tuple[str, ...]]] = [(f"{backbone}@{name}", (name,)) for name in names]
+    if len(names) > 1:
+        out.append((f"{backbone}@{','.join(names)}", names))
+    return out
+
+
+def _embed_layers(source: ImageSource, store: Path, backbone: str,
+                  layers: Sequence[str | None], embed_kwargs: dict[str, Any],
+                  say: Callable[[str], None]) -> list[Any]:
+    """One EmbedReport per layer, in order; one ``embed`` run per layer.
+
+    The one place compare embeds a layer list, so a single-pass ``embed(..., layers=...)``
+    replaces it alone.
+    """
+    from featurepipe.embed import embed
+
+    kwargs = {k: v for k, v in embed_kwargs.items() if k != "layer"}
+    return [embed(source, store, backbone, layer=layer, other_entries="keep", log=say, **kwargs)
+            for layer in layers]
+
+
+def embed_layers_for_compare(source: ImageSource, store: Path, backbone: str,
+                             layers: Sequence[str | None], log_file: EmbedLog,
+                             embed_kwargs: dict[str, Any], say: Callable[[str], None]
+                             ) -> list[tuple[np.ndarray, dict[str, int], dict[str, str],
+                                             dict[str, Any]]]:
+    """:func:`embed_for_compare` for each of ``layers`` (features named by
+    :func:`layer_features`)."""
+    reports = _embed_layers(source, store, backbone, layers, embed_kwargs, say)
+    names = [name for name, _ in layer_features(backbone, layers)]
+    return [_loaded(source, store, backbone, report, log_file, name)
+            for report, name in zip(reports, names, strict=False)]
+
+
 def embed_for_compare(source: ImageSource, store: Path, backbone: str, log_file: EmbedLog,
                       embed_kwargs: dict[str, Any], say: Callable[[str], None]
                       ) -> tuple[np.ndarray, dict[str, int], dict[str, str], dict[str, Any]]:
     """Embed (or re-use) ``source``; return features, id -> row, id -> skip reason, a record."""
     from featurepipe.embed import embed
-    from featurepipe.store import FeatureStore
 
     report = embed(source, store, backbone, other_entries="keep", log=say, **embed_kwargs)
+    return _loaded(source, store, backbone, report, log_file, backbone)
+
+
+def _loaded(source: ImageSource, store: Path, backbone: str, report: Any, log_file: EmbedLog,
+            features: str) -> tuple[np.ndarray, dict[str, int], dict[str, str], dict[str, Any]]:
+    from featurepipe.store import FeatureStore
+
     first = log_file.record(f"{Path(store).name}:{report.key}", report)
     fs = FeatureStore(store).load(report.key)
     rows = {id_: r for r, id_ in enumerate(fs.ids)}
     skipped = dict(fs.skipped)
     record = {
-        "backbone": backbone, "store": str(store), "key": report.key, "n_images": len(source),
+        "backbone": backbone, "features": features, "store": str(store), "key": report.key,
+        "n_images": len(source),
         "n_rows": report.n_rows, "n_skipped": report.n_skipped,
         "n_computed": report.n_computed, "n_reused": report.n_reused,
         "seconds": report.seconds, "device": report.device, "precision": report.precision,

@@ -58,7 +58,8 @@ def compare_markdown(rows: Sequence[Mapping[str, Any]], embedding: Sequence[Mapp
         ips = e.get("computed_images_per_second")
         cost = f"{ips:.1f} img/s when computed" if ips else "throughput not recorded"
         how = "re-used from the cache" if e["cached"] else f"computed {e['n_computed']}"
-        lines.append(f"- embedding {e['backbone']} ({e['role']}): {e['n_rows']} images, {how} "
+        name = e.get("features", e["backbone"])
+        lines.append(f"- embedding {name} ({e['role']}): {e['n_rows']} images, {how} "
                      f"in {e['seconds']:.1f} s ({cost}; {e['device']}, {e['precision']}); "
                      f"{e['n_skipped']} skipped")
     held = (f" ({split['n_val']} of them held out as validation rows, shared by every arm and "

@@ -15,6 +15,8 @@ from featurepipe.compare._data import (
     EmbedLog,
     Part,
     embed_for_compare,
+    embed_layers_for_compare,
+    layer_features,
 )
 from featurepipe.compare._pixels import PixelSpec, pixel_features
 from featurepipe.exceptions import ConfigError
@@ -64,8 +66,14 @@ def prepare(source: Any, out_dir: Path, *, labels: Sequence[Any] | None,
             test_source: Any | None, test_size: float | int, seed: int,
             backbones: Sequence[str], embed_kwargs: dict[str, Any],
             pixel_spec: PixelSpec | None, with_hog: bool,
-            say: Callable[[str], None]) -> Prepared:
-    """Embed every backbone, drop unreadable images for all arms, extract pixels, split."""
+            say: Callable[[str], None],
+            layers: Sequence[str | None] | None = None) -> Prepared:
+    """Embed every backbone, drop unreadable images for all arms, extract pixels, split.
+
+    With ``layers``, every backbone is embedded at each layer; the features are named by
+    :func:`~featurepipe.compare._data.layer_features` (a layer list's concatenation is built
+    by the arm that reads it).
+    """
     sides = [_Side("train" if test_source is not None else "all",
                    labelled_source(source, labels, "the source"))]
     if test_source is not None:
@@ -76,12 +84,15 @@ def prepare(source: Any, out_dir: Path, *, labels: Sequence[Any] | None,
         store = out_dir / ("features.h5" if side.role != "test" else "features-test.h5")
         for bb in backbones:
             say(f"embedding {side.role} images with {bb} (store {store})")
-            feats, rows, skipped_ids, record = embed_for_compare(side.source, store, bb,
-                                                                 log_file, embed_kwargs, say)
-            embedding.append({**record, "role": side.role})
-            side.rows[bb] = (feats, rows)
+            results = ([embed_for_compare(side.source, store, bb, log_file, embed_kwargs, say)]
+                       if layers is None else
+                       embed_layers_for_compare(side.source, store, bb, layers, log_file,
+                                                embed_kwargs, say))
             pos = {id_: i for i, id_ in enumerate(side.source.ids)}
-            side.bad.update({pos[i]: why for i, why in skipped_ids.items() if i in pos})
+            for feats, rows, skipped_ids, record in results:
+                embedding.append({**record, "role": side.role})
+                side.rows[record["features"]] = (feats, rows)
+                side.bad.update({pos[i]: why for i, why in skipped_ids.items() if i in pos})
         if pixel_spec is not None:
             good = [i for i in range(len(side.source)) if i not in side.bad]
             side.pixels = pixel_features(side.source, good, pixel_spec, with_hog=with_hog,
@@ -93,9 +104,14 @@ def prepare(source: Any, out_dir: Path, *, labels: Sequence[Any] | None,
     per_image: dict[str, float | None] = {}
     if n_pixel_images:
         per_image[PIXELS] = per_image[HOG] = pixel_seconds / n_pixel_images
-    for bb in backbones:
-        ips = [e["computed_images_per_second"] for e in embedding if e["backbone"] == bb]
-        per_image[bb] = 1.0 / ips[0] if ips and ips[0] else None
+    for name in dict.fromkeys(e["features"] for e in embedding):
+        ips = [e["computed_images_per_second"] for e in embedding if e["features"] == name]
+        per_image[name] = 1.0 / ips[0] if ips and ips[0] else None
+    for bb in backbones if layers is not None and len(layers) > 1 else ():
+        *alone, (both, _) = layer_features(bb, layers or ())
+        costs = [per_image.get(name) for name, _ in alone]
+        per_image[both] = (None if any(c is None for c in costs)
+                           else sum(c for c in costs if c is not None))
     skipped = [{"role": s.role, "id": s.source.ids[i], "reason": why}
                for s in sides for i, why in sorted(s.bad.items())]
     first = sides[0].source

@@ -8,7 +8,8 @@ picked; :func:`fixed_head` turns a fitted head into one that refits its chosen v
 searching. The ``"sgd"`` preset, :class:`OutOfCoreSGDClassifier`, can also learn from chunks
 streamed out of the store, so the feature matrix never has to fit in memory.
 
-Submodules: :mod:`~featurepipe.heads.probe` (the ``logreg`` preset's fast C-searched logistic
+Submodules: :mod:`~featurepipe.heads.blocks` (standardising concatenated layers so each
+weighs the same), :mod:`~featurepipe.heads.probe` (the ``logreg`` preset's fast C-searched logistic
 regression), :mod:`~featurepipe.heads.kernel` (the ``svm-rbf`` preset: exact SVC on small sets,
 Nystroem + probe past them), :mod:`~featurepipe.heads.progress` (bars over search fits).
 
@@ -50,6 +51,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_array, check_is_fitted, column_or_1d, validate_data
 
 from featurepipe.exceptions import ConfigError, FeaturePipeWarning
+from featurepipe.heads.blocks import BlockStandardScaler, block_head, block_weights
 from featurepipe.heads.kernel import EXACT_MAX_ROWS, RBFKernelClassifier
 from featurepipe.heads.kernel import SVM_RBF_GRID as SVM_RBF_GRID
 from featurepipe.heads.probe import DEFAULT_CS, LogisticProbeCV
@@ -58,10 +60,13 @@ from featurepipe.heads.progress import search_progress
 __all__ = [
     "EXACT_MAX_ROWS",
     "HEAD_PRESETS",
+    "BlockStandardScaler",
     "LogisticProbeCV",
     "OutOfCoreSGDClassifier",
     "RBFKernelClassifier",
     "ScaledGammaSVC",
+    "block_head",
+    "block_weights",
     "chosen_params",
     "fixed_head",
     "fit_head",
