@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import difflib
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -157,7 +157,7 @@ class MultiLayerPooled(nn.Module):
         if missing:
             raise BackboneError(f"layer(s) {', '.join(map(repr, missing))} did not run during "
                                 "the forward pass")
-        return [found[layer] if layer is not None else last  # type: ignore[misc]
+        return [found[layer] if layer is not None else cast(torch.Tensor, last)
                 for layer in self.layers]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
