@@ -60,7 +60,8 @@ def test_parse_layers():
     assert parse_layers("blocks.4, blocks.5,penultimate") == ("blocks.4", "blocks.5", None)
     assert parse_layers(["x", None]) == ("x", None)
     for bad, match in (("a,,b", "empty layer name"), ("a,a", r"more than once in .a,a.: a"),
-                       (["penultimate", None], "more than once in .*: penultimate"), ([], "no layers")):
+                       (["penultimate", None], "more than once in .*: penultimate"),
+                       ([], "no layers")):
         with pytest.raises(ConfigError, match=match):
             parse_layers(bad)
 
