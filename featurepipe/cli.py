@@ -64,6 +64,10 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from featurepipe.exceptions import ConfigError
 
     check_output(args.out)
+    if args.layers is not None and args.layer is not None:
+        raise ConfigError("--layer and --layers exclude each other; give one layer with "
+                          "--layer NAME or several with --layers A,B,penultimate")
+    many: dict[str, Any] = {} if args.layers is None else {"layers": args.layers}
 
     common: dict[str, Any] = dict(
         weights=args.weights, layer=args.layer, image_size=args.image_size,
@@ -84,6 +88,9 @@ def cmd_embed(args: argparse.Namespace) -> int:
         if args.decoder != "pil":
             raise ConfigError("--decoder nvjpeg is for the local engine; Ray workers decode "
                               "with Pillow")
+        if many:
+            raise ConfigError("--layers is for the local engine; with --engine ray embed one "
+                              "--layer per run")
         report = embed_ray(args.source, args.out, args.backbone, address=args.address,
                            concurrency=args.concurrency,
                            gpus_per_worker=args.gpus_per_worker or 0.0, **common)
@@ -97,12 +104,24 @@ def cmd_embed(args: argparse.Namespace) -> int:
         if ray_only:
             raise ConfigError(f"{', '.join(ray_only)} need --engine ray")
         report = embed(args.source, args.out, args.backbone, workers=args.workers,
-                       compile=args.compile, decoder=args.decoder, **common)
+                       compile=args.compile, decoder=args.decoder, **common, **many)
+    reports = report if isinstance(report, list) else [report]
     if args.json:
-        _print_json(report.to_dict())
+        _print_json([r.to_dict() for r in reports] if many else reports[0].to_dict())
         return 0
-    if not args.quiet or report.n_skipped:
-        print(f"{report.store}: {report.n_rows} rows ({report.backbone}, key {report.key}); "
+    for one in reports:
+        _print_embed_line(one, args.quiet, layer=bool(many))
+    for sid, reason in reports[0].skipped:
+        print(f"  skipped {escape(sid)}: {escape(reason)}")
+    return 0
+
+
+def _print_embed_line(report: Any, quiet: bool, layer: bool) -> None:
+    """One summary line of an embed report; ``layer`` names the entry's layer in it."""
+    shown = f", layer {report.layer or 'penultimate'}" if layer else ""
+    if not quiet or report.n_skipped:
+        print(f"{report.store}: {report.n_rows} rows ({report.backbone}{shown}, "
+              f"key {report.key}); "
               f"computed {report.n_computed}, reused {report.n_reused}, "
               + (f"resumed {report.n_resumed} (from an interrupted run), "
                  if report.n_resumed else "")
@@ -111,9 +130,6 @@ def cmd_embed(args: argparse.Namespace) -> int:
               + (f" ({report.images_per_second:.1f} img/s on {report.device}, {report.precision}"
                  + (", compiled" if report.compiled else "") + ")"
                  if report.n_computed else ""))
-    for sid, reason in report.skipped:
-        print(f"  skipped {escape(sid)}: {escape(reason)}")
-    return 0
 
 
 _SHOWN = ("n_rows", "dim", "dtype", "backbone", "layer", "precision", "weights_sha256",
@@ -181,7 +197,8 @@ def cmd_layers(args: argparse.Namespace) -> int:
         print(f"{r['name']:<{width}}  {r['type']}")
     if not args.quiet:
         _say(f"{len(rows)} layers of {args.backbone} (depth {args.depth}); pass one as --layer "
-             "NAME (pooled over space); without --layer: the penultimate layer")
+             "NAME (pooled over space), several as --layers A,B,penultimate; without --layer: "
+             "the penultimate layer")
     return 0
 
 
@@ -239,6 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the feature store (.h5)")
     _add_backbone_args(p)
     _add_engine_args(p)
+    p.add_argument("--layers", default=None,
+                   help="several layers from one pass, comma-separated (e.g. "
+                        "blocks.4,blocks.5,penultimate): one store entry per layer, each "
+                        "keyed like a --layer run (not with --layer)")
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"],
                    help="how features are stored")
     p.add_argument("--content-hash", action="store_true",

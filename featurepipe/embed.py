@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 
-from featurepipe.backbones import Backbone, BackboneSpec
+from featurepipe.backbones import Backbone, BackboneSpec, parse_layers
 from featurepipe.decode import DecodePolicy
 from featurepipe.devices import (
     PRECISIONS,
@@ -38,7 +38,9 @@ from featurepipe.embedding.memory import (
     release_free_heap,
     run_ops_single_threaded,
 )
+from featurepipe.embedding.multi import run_embed_layers
 from featurepipe.embedding.options import FEATURE_DTYPES, ON_ERROR, EmbedOptions, EmbedReport
+from featurepipe.exceptions import ConfigError
 from featurepipe.identity import key_parts, library_versions
 from featurepipe.store import FeatureStore
 
@@ -67,6 +69,34 @@ __all__ = [
 ]
 
 
+@overload
+def embed(source: Any, store: str | os.PathLike | FeatureStore,
+          backbone: str | BackboneSpec = ..., *, weights: str | None = ...,
+          layer: str | None = ..., layers: None = ..., image_size: int | None = ...,
+          labels: Sequence | np.ndarray | None = ..., batch_size: int = ...,
+          workers: int | None = ..., device: str = ..., precision: str = ...,
+          compile: str = ..., decoder: str = ..., dtype: str = ...,  # noqa: A002
+          on_error: str = ..., decode_policy: DecodePolicy | None = ...,
+          content_hash: bool = ..., drop_missing: bool = ..., shard_size: int | None = ...,
+          lock_timeout: float = ..., other_entries: str = ..., progress: bool = ...,
+          loaded_backbone: Backbone | None = ..., log: Callable[[str], None] | None = ...,
+          ) -> EmbedReport: ...
+
+
+@overload
+def embed(source: Any, store: str | os.PathLike | FeatureStore,
+          backbone: str | BackboneSpec = ..., *, weights: str | None = ...,
+          layer: str | None = ..., layers: str | Sequence[str | None], image_size: int | None = ...,
+          labels: Sequence | np.ndarray | None = ..., batch_size: int = ...,
+          workers: int | None = ..., device: str = ..., precision: str = ...,
+          compile: str = ..., decoder: str = ..., dtype: str = ...,  # noqa: A002
+          on_error: str = ..., decode_policy: DecodePolicy | None = ...,
+          content_hash: bool = ..., drop_missing: bool = ..., shard_size: int | None = ...,
+          lock_timeout: float = ..., other_entries: str = ..., progress: bool = ...,
+          loaded_backbone: Backbone | None = ..., log: Callable[[str], None] | None = ...,
+          ) -> list[EmbedReport]: ...
+
+
 def embed(
     source: Any,
     store: str | os.PathLike | FeatureStore,
@@ -74,6 +104,7 @@ def embed(
     *,
     weights: str | None = None,
     layer: str | None = None,
+    layers: str | Sequence[str | None] | None = None,
     image_size: int | None = None,
     labels: Sequence | np.ndarray | None = None,
     batch_size: int = 64,
@@ -93,7 +124,7 @@ def embed(
     progress: bool = True,
     loaded_backbone: Backbone | None = None,
     log: Callable[[str], None] | None = None,
-) -> EmbedReport:
+) -> EmbedReport | list[EmbedReport]:
     """Embed a source into a feature store, computing only what the store lacks.
 
     Parameters
@@ -105,6 +136,12 @@ def embed(
     backbone, weights, layer, image_size
         The backbone spec (see :func:`featurepipe.backbones.resolve_spec`). An ``image_size``
         equal to the backbone's default is the same spec as None (one store entry).
+    layers : str or sequence of (str or None), optional
+        Several layers from one pass (one decode and one forward per image): one store entry
+        per layer, each keyed exactly as a run with ``layer=`` that layer, so either kind of
+        run reuses the other's rows. ``"penultimate"`` or None is the default layer; text is
+        comma-separated (:func:`featurepipe.backbones.parse_layers`). Layers whose entry is
+        complete are not computed. Not with ``layer`` or ``loaded_backbone``.
     batch_size, workers, device, precision
         Engine settings. ``workers=None`` decodes in threads on a CPU and in
         :func:`default_workers` processes elsewhere. ``precision="auto"`` is bf16 on CPUs with
@@ -133,7 +170,12 @@ def embed(
 
     Returns
     -------
-    EmbedReport
+    EmbedReport, or a list of them (one per layer, in order) when ``layers`` is given
+
+    Raises
+    ------
+    ConfigError
+        ``layers`` with ``layer`` or ``loaded_backbone``, or an empty or repeated layer.
 
     Examples
     --------
@@ -141,6 +183,9 @@ def embed(
     >>> report = embed("photos/", "photos.h5")  # doctest: +SKIP
     >>> report.n_rows, report.n_skipped  # doctest: +SKIP
     (1200, 3)
+    >>> reports = embed("photos/", "photos.h5", layers="blocks.5,penultimate")  # doctest: +SKIP
+    >>> [r.layer for r in reports]  # doctest: +SKIP
+    ['blocks.5', None]
     """
     options = EmbedOptions(
         batch_size=batch_size, workers=workers, device=device, precision=precision,
@@ -148,6 +193,14 @@ def embed(
         decode_policy=decode_policy or DecodePolicy(), content_hash=content_hash,
         drop_missing=drop_missing, shard_size=shard_size, lock_timeout=lock_timeout,
         other_entries=other_entries, progress=progress)
+    if layers is not None:
+        if layer is not None:
+            raise ConfigError(f"give layer ({layer!r}) or layers ({layers!r}), not both")
+        if loaded_backbone is not None:
+            raise ConfigError("layers builds its own network; leave loaded_backbone out")
+        specs = [resolve_backbone(backbone, weights, name, image_size)
+                 for name in parse_layers(layers)]
+        return run_embed_layers(source, store, specs, options, labels=labels, log=log)
     spec = (loaded_backbone.spec if loaded_backbone is not None
             else resolve_backbone(backbone, weights, layer, image_size))
     return run_embed(source, store, spec, options, labels=labels,

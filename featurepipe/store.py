@@ -893,6 +893,7 @@ class StoreWriter:
         self._damaged = False  # the file is a damaged store that commit() rebuilds
         self._old: tuple[_Entry | None] | None = None  # cached by _old_entry() until commit
         self._lock: filelock.BaseFileLock | None = None
+        self._group = {self.key}  # entries built under this lock (see sibling())
 
     @property
     def parts_dir(self) -> Path:
@@ -900,6 +901,21 @@ class StoreWriter:
         return self.store.parts_path / self.key
 
     # -- lock ------------------------------------------------------------------------------
+
+    def sibling(self, key: str, attrs: Mapping[str, Any]) -> StoreWriter:
+        """A writer of another entry of this store, under this writer's lock.
+
+        One pass that builds several entries (one per layer) writes their shards side by side;
+        each entry still commits on its own, atomically, and ``drop_other_entries`` never
+        drops a sibling's entry or shards. Use it inside this writer's ``with`` block, not as
+        a context manager of its own (the lock stays this writer's).
+        """
+        self._require_lock()
+        other = StoreWriter(self.store, key, attrs, lock_timeout=self._lock_timeout,
+                            replace=self._replace)
+        other._lock, other._damaged, other._group = self._lock, self._damaged, self._group
+        self._group.add(other.key)
+        return other
 
     def __enter__(self) -> StoreWriter:
         self.store.check_writable()
@@ -916,7 +932,7 @@ class StoreWriter:
         self._lock = lock
         return self
 
-    def _check_existing(self) -> bool:
+    def _check_existing(self, quiet: bool = False) -> bool:
         """Refuse to overwrite a file that is not a store; True for a damaged store to rebuild."""
         if not self.store.path.exists():
             return False
@@ -926,7 +942,7 @@ class StoreWriter:
         except _UnreadableStoreError as exc:
             if not (self._replace and exc.ours):
                 raise
-        if self._on_wait is not None:
+        if self._on_wait is not None and not quiet:
             self._on_wait(f"{self.store.path} is a damaged store; rebuilding it (replace)")
         return True
 
@@ -1205,6 +1221,8 @@ class StoreWriter:
         _encode_attrs(extra)
         shards = _Shards.scan(self.parts_dir)
         source = {**self.attrs, **extra}.get(_SOURCE_ATTR)
+        if self._damaged and len(self._group) > 1:  # a sibling's commit may have rebuilt it
+            self._damaged = self._check_existing(quiet=True)
         with ExitStack() as stack:
             readable = self.store.path.exists() and not self._damaged
             src = stack.enter_context(self.store._open()) if readable else None
@@ -1214,7 +1232,7 @@ class StoreWriter:
             pairs = ((str(item[0]), str(item[1])) for item in order)  # valid: planned above
             self._refuse_lost_rows(old, pairs, drop_missing, {**self.attrs, **extra})
             others = [k for k in src.get("entries", {}) if k != self.key] if src else []
-            keep = set(others) if not drop_other_entries else set()
+            keep = set(others) if not drop_other_entries else set(others) & self._group
             changed = not (
                 old is not None
                 and len(keep) == len(others)
@@ -1228,7 +1246,13 @@ class StoreWriter:
                 self._write_file(src, keep, old_ds, old, plan, shards, names, extra)
         self._old = None
         if drop_other_entries:
-            shutil.rmtree(self.store.parts_path, ignore_errors=True)
+            for folder in self.store.parts_path.glob("*"):
+                if folder.name in self._group:
+                    continue
+                if folder.is_dir():
+                    shutil.rmtree(folder, ignore_errors=True)
+                else:
+                    folder.unlink(missing_ok=True)
         self.discard_parts()
         n_old = len(old.ids) if old else 0
         return CommitResult(

@@ -25,9 +25,11 @@ _WHERE = {
     "describe_backbone": "_describe",
     "export_finetuned": "_export",
     "layer_names": "_extract",
+    "parse_layers": "_layers",
     "pool_features": "_extract",
     "Backbone": "_load",
     "load_backbone": "_load",
+    "load_layers": "_load",
     "ResizeCenterCrop": "_resize",
     "EXPORT_CONFIG_NAME": "_spec",
     "EXPORT_FORMAT": "_spec",
@@ -45,7 +47,8 @@ if TYPE_CHECKING:
     from featurepipe.backbones._describe import BackboneDescription, describe_backbone
     from featurepipe.backbones._export import export_finetuned
     from featurepipe.backbones._extract import layer_names, pool_features
-    from featurepipe.backbones._load import Backbone, load_backbone
+    from featurepipe.backbones._layers import parse_layers
+    from featurepipe.backbones._load import Backbone, load_backbone, load_layers
     from featurepipe.backbones._resize import ResizeCenterCrop
     from featurepipe.backbones._spec import (
         EXPORT_CONFIG_NAME,
@@ -87,6 +90,8 @@ __all__ = [
     "layer_names",
     "list_backbones",
     "load_backbone",
+    "load_layers",
+    "parse_layers",
     "pool_features",
     "reset_classifier",
     "resolve_spec",

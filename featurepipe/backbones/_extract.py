@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import copy
 import difflib
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -99,6 +99,69 @@ class HookCapture(nn.Module):
         if not captured:
             raise BackboneError(f"layer {self.layer!r} did not run during the forward pass")
         return captured[0]
+
+
+class MultiLayerPooled(nn.Module):
+    """Several layers' pooled outputs from one forward pass, concatenated in the given order.
+
+    A named layer is captured by a forward hook, as :class:`HookCapture` does, and pooled by
+    :func:`pool_features` inside that hook, so its full-size activation is dropped at once and
+    a later in-place operation cannot change what is pooled. ``None`` in ``layers`` takes the
+    output of ``penultimate`` (the default extractor, which then runs the whole network);
+    without it the forward stops once every named layer has run. The layer outputs and the
+    pooling are those of the single-layer extractors, so every block of the result equals
+    what that layer's own extractor gives.
+    """
+
+    def __init__(self, model: nn.Module, layers: Sequence[str | None], family: str,
+                 penultimate: nn.Module | None = None) -> None:
+        super().__init__()
+        for layer in layers:
+            if layer is not None and layer not in dict(model.named_modules()):
+                raise _unknown_layer(model, layer)
+        if None in layers and penultimate is None:
+            raise BackboneError("the penultimate layer needs the default extractor")
+        self.model = model
+        self.layers = tuple(layers)
+        self.channels_last = channels_last_outputs(model, family)
+        self.penultimate = penultimate if None in layers else None
+
+    def pooled(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """One ``(B, D_i)`` tensor per layer, from one forward pass."""
+        names = [layer for layer in dict.fromkeys(self.layers) if layer is not None]
+        found: dict[str, torch.Tensor] = {}
+
+        def capture(name: str) -> Callable[[nn.Module, Any, Any], None]:
+            def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+                if name not in found:  # a module run twice: its first output, as HookCapture
+                    found[name] = pool_features(output, self.channels_last)
+                if self.penultimate is None and len(found) == len(names):
+                    raise _StopForward
+
+            return hook
+
+        handles = [self.model.get_submodule(name).register_forward_hook(capture(name))
+                   for name in names]
+        last: torch.Tensor | None = None
+        try:
+            if self.penultimate is not None:
+                last = self.penultimate(x)
+            else:
+                self.model(x)
+        except _StopForward:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        missing = [name for name in names if name not in found]
+        if missing:
+            raise BackboneError(f"layer(s) {', '.join(map(repr, missing))} did not run during "
+                                "the forward pass")
+        return [found[layer] if layer is not None else cast(torch.Tensor, last)
+                for layer in self.layers]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([block.float() for block in self.pooled(x)], dim=1)
 
 
 def _shallow(module: nn.Module) -> nn.Module:

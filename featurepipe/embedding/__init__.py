@@ -8,6 +8,8 @@
 - :mod:`~featurepipe.embedding.sink`: finished batches into store shards.
 - :mod:`~featurepipe.embedding.engine`: the driver (plan, run, sink, commit) and the in-memory
   path of the estimators.
+- :mod:`~featurepipe.embedding.multi`: the driver for several layers from one pass (one entry
+  per layer).
 
 The public entry point is :func:`featurepipe.embed.embed`.
 """
@@ -23,6 +25,7 @@ _WHERE = {
     "RunnerChoice": "choose", "choose_runner": "choose", "make_runner": "choose",
     "canonical_spec": "engine", "embed_in_memory": "engine", "refuse_other_specs": "engine",
     "resolve_backbone": "engine", "run_embed": "engine", "store_attrs": "engine",
+    "make_work": "engine", "run_embed_layers": "multi",
     "EmbedOptions": "options", "EmbedReport": "options",
     "Plan": "plan", "Shard": "plan", "make_plan": "plan",
     "Provenance": "runners.base", "Runner": "runners.base", "Work": "runners.base",
@@ -33,18 +36,21 @@ if TYPE_CHECKING:
     from featurepipe.embedding.engine import (
         canonical_spec,
         embed_in_memory,
+        make_work,
         refuse_other_specs,
         resolve_backbone,
         run_embed,
         store_attrs,
     )
+    from featurepipe.embedding.multi import run_embed_layers
     from featurepipe.embedding.options import EmbedOptions, EmbedReport
     from featurepipe.embedding.plan import Plan, Shard, make_plan
     from featurepipe.embedding.runners.base import Provenance, Runner, Work
 
 __all__ = ["EmbedOptions", "EmbedReport", "Plan", "Provenance", "Runner", "RunnerChoice",
            "Shard", "Work", "canonical_spec", "choose_runner", "embed_in_memory", "make_plan",
-           "make_runner", "refuse_other_specs", "resolve_backbone", "run_embed", "store_attrs"]
+           "make_runner", "make_work", "refuse_other_specs", "resolve_backbone", "run_embed",
+           "run_embed_layers", "store_attrs"]
 
 
 def __getattr__(name: str) -> Any:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import numpy as np
@@ -41,8 +41,8 @@ from featurepipe.identity import closest_entry, entry_key, key_parts, library_ve
 from featurepipe.sources import ImageSource, open_source
 from featurepipe.store import FeatureStore
 
-__all__ = ["canonical_spec", "embed_in_memory", "refuse_other_specs", "resolve_backbone",
-           "run_embed", "source_identity", "store_attrs"]
+__all__ = ["canonical_spec", "embed_in_memory", "make_work", "refuse_other_specs",
+           "resolve_backbone", "run_embed", "source_identity", "store_attrs"]
 
 
 def canonical_spec(spec: BackboneSpec) -> BackboneSpec:
@@ -68,12 +68,18 @@ def store_attrs(parts: dict, dim: int | None, device: torch.device) -> dict:
     return {**parts, "dim": dim, "device": str(device), "versions": library_versions()}
 
 
-def refuse_other_specs(fs: FeatureStore, key: str, parts: dict) -> None:
+def refuse_other_specs(fs: FeatureStore, key: str, parts: dict,
+                       siblings: Collection[str] = ()) -> None:
     """Stop when the store holds only entries of other specs, naming what differs from the
-    closest of them."""
+    closest of them. ``siblings`` are the keys of the other layers of the same run: a store
+    holding any of ``key`` and ``siblings`` already has this run's features."""
     if not fs.exists():
         return
-    others = {k: fs.attrs(k) for k in fs.keys() if k != key}
+    ours = {key, *siblings}
+    present = fs.keys()
+    if ours & set(present):
+        return
+    others = {k: fs.attrs(k) for k in present}
     closest = closest_entry(parts, others)
     if closest is None:
         return
@@ -94,9 +100,10 @@ def source_identity(given: Any, src: ImageSource) -> str | None:
     return f"{src.kind}:{src.root}" if src.root else None
 
 
-def _work(source: ImageSource, backbone: Backbone, opts: EmbedOptions, device: torch.device,
-          precision: str, batches: Sequence[Sequence[int]], status: Callable[[str], None]
-          ) -> tuple[Work, RunnerChoice]:
+def make_work(source: ImageSource, backbone: Backbone, opts: EmbedOptions, device: torch.device,
+              precision: str, batches: Sequence[Sequence[int]], status: Callable[[str], None]
+              ) -> tuple[Work, RunnerChoice]:
+    """What a runner computes for ``batches``, and the facts that choose the runner."""
     compile_now = should_compile(opts.compile, device, precision,
                                  sum(len(b) for b in batches), backbone.preprocess.input_size)
     work = Work(Pixels.for_backbone(source, backbone, opts.decode_policy), batches, backbone,
@@ -154,7 +161,7 @@ def run_embed(source: Any, store: str | os.PathLike | FeatureStore, backbone: Ba
             def status(text: str) -> None:
                 bar.set_description(f"{name} ({text})" if text else name)
 
-            work, choice = _work(src, bb, opts, dev, prec, plan.batches(), status)
+            work, choice = make_work(src, bb, opts, dev, prec, plan.batches(), status)
             runner = runner or make_runner(choose_runner(choice))
             if dev.type == "cpu":
                 keep_buffers_in_heap()
@@ -177,7 +184,8 @@ def run_embed(source: Any, store: str | os.PathLike | FeatureStore, backbone: Ba
     seconds = time.perf_counter() - t0
     n_pending = plan.n_pending
     return EmbedReport(
-        store=str(fs.path), key=key, backbone=desc.spec.name, n_total=len(src),
+        store=str(fs.path), key=key, backbone=desc.spec.name, layer=desc.spec.layer,
+        n_total=len(src),
         n_rows=result.n_rows, n_computed=n_pending, n_reused=result.n_reused,
         n_skipped=result.n_skipped, n_dropped=result.n_dropped,
         skipped=list(info["skipped"]),
@@ -202,7 +210,7 @@ def embed_in_memory(source: ImageSource, backbone: Backbone, options: EmbedOptio
     n = len(source)
     batches = [list(range(s, min(s + options.batch_size, n)))
                for s in range(0, n, options.batch_size)]
-    work, choice = _work(source, backbone, options, device, precision, batches,
+    work, choice = make_work(source, backbone, options, device, precision, batches,
                          lambda _text: None)
     runner = runner or make_runner(choose_runner(choice))
     if device.type == "cpu":

@@ -76,7 +76,8 @@ class EmbedReport:
 
     ``n_computed`` images were embedded by this call, ``n_reused`` rows copied from the
     committed entry, and ``n_resumed`` images taken from the shards an interrupted run left on
-    disk (computed then, committed now). ``runner`` names the runner that computed them.
+    disk (computed then, committed now). ``runner`` names the runner that computed them;
+    ``layer`` the entry's layer (None = the pooled penultimate layer).
     """
 
     store: str
@@ -97,6 +98,7 @@ class EmbedReport:
     compile_seconds: float = 0.0
     n_resumed: int = 0
     runner: str = ""
+    layer: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

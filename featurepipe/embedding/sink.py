@@ -52,6 +52,10 @@ class ShardSink:
         """Shards not written yet."""
         return [name for name, left in self._left.items() if left]
 
+    def wants(self, index: int) -> bool:
+        """Whether source index ``index`` belongs to one of this sink's shards."""
+        return index in self._shard_of
+
     def add(self, indices: Sequence[int], reasons: Sequence[str], features: np.ndarray) -> None:
         """Record one batch: ``features`` holds the rows of the indices whose reason is empty.
 
