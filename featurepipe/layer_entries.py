@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from featurepipe.backbones import parse_layers
 from featurepipe.exceptions import ConfigError
 from featurepipe.identity import canonical, key_parts_from_attrs
 from featurepipe.store import FeatureSet, FeatureStore
@@ -22,31 +23,6 @@ from featurepipe.store import FeatureSet, FeatureStore
 __all__ = ["LayerData", "find_layer_entries", "layer_name", "load_layer_data", "parse_layers"]
 
 PENULTIMATE = "penultimate"
-
-
-def parse_layers(layers: str | Sequence[str | None]) -> tuple[str | None, ...]:
-    """A layer list from ``"blocks.4,blocks.5,penultimate"`` or a sequence.
-
-    ``"penultimate"`` (and ``None``) is the pooled penultimate layer, spelled ``None`` in specs.
-    Repeats and empty lists are refused.
-
-    Examples
-    --------
-    >>> parse_layers("blocks.4, penultimate")
-    ('blocks.4', None)
-    """
-    items = layers.split(",") if isinstance(layers, str) else list(layers)
-    out: list[str | None] = []
-    for item in items:
-        name = None if item is None else str(item).strip()
-        if name == "":
-            raise ConfigError(f"empty layer name in {layers!r}; separate names by single commas")
-        out.append(None if name is None or name == PENULTIMATE else name)
-    if not out:
-        raise ConfigError("the layer list is empty; name at least one layer (e.g. blocks.5)")
-    if len(set(out)) != len(out):
-        raise ConfigError(f"layer list {layers!r} names a layer twice")
-    return tuple(out)
 
 
 def layer_name(layer: str | None) -> str:

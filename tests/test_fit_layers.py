@@ -16,7 +16,7 @@ from featurepipe.embed import embed
 from featurepipe.exceptions import ConfigError
 from featurepipe.heads import BlockStandardScaler, fit_head, make_head
 from featurepipe.identity import key_parts_from_attrs
-from featurepipe.layer_entries import find_layer_entries, load_layer_data, parse_layers
+from featurepipe.layer_entries import find_layer_entries, load_layer_data
 from featurepipe.model import load_model, save_model
 from featurepipe.splits import stratified_split
 from featurepipe.store import FeatureStore
@@ -47,15 +47,6 @@ def _blocks(store):
     fs = FeatureStore(store)
     keys, layers = find_layer_entries(fs, LAYERS)
     return load_layer_data(fs, keys, layers)
-
-
-def test_parse_layers_spells_penultimate_as_none():
-    assert parse_layers("blocks.4, blocks.5,penultimate") == ("blocks.4", "blocks.5", None)
-    assert parse_layers(["blocks.4", None]) == ("blocks.4", None)
-    with pytest.raises(ConfigError, match="twice"):
-        parse_layers("blocks.4,blocks.4")
-    with pytest.raises(ConfigError, match="empty layer name"):
-        parse_layers("blocks.4,,blocks.5")
 
 
 def test_layer_list_fit_equals_a_head_on_the_standardised_concatenation(two_layers):

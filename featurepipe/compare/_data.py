@@ -127,16 +127,12 @@ def layer_features(backbone: str, layers: Sequence[str | None]
 def _embed_layers(source: ImageSource, store: Path, backbone: str,
                   layers: Sequence[str | None], embed_kwargs: dict[str, Any],
                   say: Callable[[str], None]) -> list[Any]:
-    """One EmbedReport per layer, in order; one ``embed`` run per layer.
-
-    The one place compare embeds a layer list, so a single-pass ``embed(..., layers=...)``
-    replaces it alone.
-    """
+    """One EmbedReport per layer, in order, from one pass over the images."""
     from featurepipe.embed import embed
 
     kwargs = {k: v for k, v in embed_kwargs.items() if k != "layer"}
-    return [embed(source, store, backbone, layer=layer, other_entries="keep", log=say, **kwargs)
-            for layer in layers]
+    return list(embed(source, store, backbone, layers=list(layers), other_entries="keep",
+                      log=say, **kwargs))
 
 
 def embed_layers_for_compare(source: ImageSource, store: Path, backbone: str,
