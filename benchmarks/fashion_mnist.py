@@ -23,10 +23,10 @@ Stages (each writes ``WORK/<stage>.json``; ``report`` turns whatever exists into
 
 The probe also picks the layer: on Fashion-MNIST (grey, centred product shots, far from
 ImageNet) a mid-level block transfers better than the penultimate layer. The committed CPU run
-(results/fashion_mnist.md) predates benchmarks/protocol.md: its arms were trained on differently
-capped subsamples (reviewed in results/fashion_mnist_review.md); its fine-tuning rows come
-from the ``finetune-full`` stage run on a GPU (the exact command and settings are in
-results/fashion_mnist.json under ``finetune_full``):
+(results/fashion_mnist_runs.md) predates benchmarks/protocol.md: its arms were trained on
+differently capped subsamples (reviewed in results/fashion_mnist_review.md); its fine-tuning
+rows come from the ``finetune-full`` stage run on a GPU (the exact command and settings are in
+results/fashion_mnist_runs.json under ``finetune_full``):
 
     python -m benchmarks.fashion_mnist --stages finetune-full --image-size 128 \
         --ft-image-size 224 --ft-epochs 10 --ft-batch-size 128 --ft-workers 12
@@ -401,10 +401,10 @@ def stage_report(args: argparse.Namespace, work: Path) -> None:
                                       for r in runs],
                "curve": {k: v for k, v in (curve or {}).items() if k != "rows"},
                "wall_seconds": walls}
-    write_results("fashion_mnist", payload, "\n".join(md))
+    write_results("fashion_mnist_runs", payload, "\n".join(md))
     RESULTS.mkdir(parents=True, exist_ok=True)
     if comp:
-        plot_compare(comp["rows"], RESULTS / "fashion_mnist.png",
+        plot_compare(comp["rows"], RESULTS / "fashion_mnist_runs.png",
                      title=f"Fashion-MNIST, 10,000 test images ({comp['image_size']} px features)")
     if curve:
         plot_curve(curve["arms"], curve["samples_per_class"], np.asarray(curve["accuracy"]),
@@ -416,7 +416,7 @@ def stage_report(args: argparse.Namespace, work: Path) -> None:
                       "# Fashion-MNIST learning curve\n\n" + curve_markdown(
                           curve["arms"], curve["samples_per_class"],
                           np.asarray(curve["accuracy"])))
-    log(f"wrote {RESULTS / 'fashion_mnist.md'}")
+    log(f"wrote {RESULTS / 'fashion_mnist_runs.md'}")
 
 
 def _best(rows: list[dict[str, Any]], family: str) -> dict[str, Any] | None:

@@ -43,9 +43,9 @@ from sklearn.svm import SVC
 
 from featurepipe.heads.probe import fit_multinomial
 
-__all__ = ["KERNEL_CS", "KERNEL_G", "LINEAR_CS", "MAX_ITER", "N_COMPONENTS", "PATIENCE",
-           "RIDGE_CS", "SOLVER", "Multinomial", "RidgePath", "Search", "final_fit", "kernel_head",
-           "linear_head", "search"]
+__all__ = ["KERNEL_CS", "KERNEL_G", "KERNEL_G_WIDE", "LINEAR_CS", "MAX_ITER", "N_COMPONENTS",
+           "PATIENCE", "RIDGE_CS", "RIDGE_CS_WIDE", "SOLVER", "Multinomial", "RidgePath",
+           "Search", "final_fit", "kernel_head", "linear_head", "search"]
 
 LINEAR_CS: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 KERNEL_G: tuple[float, ...] = (0.3, 1.0, 3.0)
@@ -53,6 +53,10 @@ KERNEL_CS: tuple[float, ...] = (0.1, 1.0, 10.0, 100.0)
 #: The least-squares kernel head's C path (deviation 2: every C costs one product, so wider).
 RIDGE_CS: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)
 N_COMPONENTS = 2000
+#: Deviation 4's sensitivity grids: the kernel grid widened past the corner (smallest g,
+#: largest C) that the classical arms chose.
+KERNEL_G_WIDE: tuple[float, ...] = (0.03, 0.1, 0.3, 1.0, 3.0)
+RIDGE_CS_WIDE: tuple[float, ...] = (*RIDGE_CS, 1e4, 1e5)
 #: The linear C path stops after this many Cs in a row improve neither the best validation
 #: accuracy nor the best validation log-loss (deviation 2; None: the whole grid).
 PATIENCE: int | None = 1

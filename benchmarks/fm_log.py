@@ -134,7 +134,7 @@ def committed_entries() -> list[dict[str, Any]]:
     """Every configuration in every committed version of the Fashion-MNIST result files."""
     seen: set[tuple[Any, ...]] = set()
     out = []
-    for rel in ("benchmarks/results/fashion_mnist.json",):
+    for rel in ("benchmarks/results/fashion_mnist_runs.json",):
         for commit, date in _versions(rel):
             doc = json.loads(_git("show", f"{commit}:{rel}"))
             for e in _entries(commit, date, doc):

@@ -5,7 +5,7 @@ Frozen ImageNet features help most when labels are few (the learning curve in
 images per class of Fashion-MNIST (installed by ``apt-get install dataset-fashion-mnist``, or any
 folder holding its four IDX files), embeds them and a fixed test set with the offline default
 backbone (the pooled output of ``blocks.5``, as in the learning curve, at 96 px: in the probe of
-``benchmarks/results/fashion_mnist.md`` the fastest size within about a point of the best), and
+``benchmarks/results/fashion_mnist_runs.md`` the fastest size within about a point of the best), and
 compares a linear classifier on those features with the same classifier on raw pixels, both
 with their regularisation chosen by the same cross-validation on the training rows only.
 Without Fashion-MNIST it falls back to scikit-learn's 8x8 digits. The summary line says what

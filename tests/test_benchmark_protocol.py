@@ -129,3 +129,34 @@ def test_committed_log_holds_every_committed_configuration():
     assert ("compare", "pixels+svm-rbf", 0.8545) in accs
     assert ("compare", "efficientnet_lite0+svm-rbf", 0.9067) in accs
     assert len([e for e in committed if e["stage"] == "finetune-full"]) == 5
+
+
+def test_verdict_headline_reads_validation_never_test():
+    from benchmarks.fm_verdict import headline
+
+    arms = [{"arm": "a", "family": "frozen", "converged": True, "val_accuracy": 0.90,
+             "accuracy": 0.99},
+            {"arm": "b", "family": "frozen", "converged": True, "val_accuracy": 0.91,
+             "accuracy": 0.80},
+            {"arm": "c", "family": "frozen", "converged": False, "val_accuracy": 0.95,
+             "accuracy": 0.99},
+            {"arm": "d", "family": "classical", "converged": True, "val_accuracy": 0.99,
+             "accuracy": 0.99}]
+    assert headline(arms, "frozen")["arm"] == "b"
+    for a in arms:  # any test scores: the same choice
+        a["accuracy"] = 1.0 - a["accuracy"]
+    assert headline(arms, "frozen")["arm"] == "b"
+    assert headline(arms, "hybrid") is None
+
+
+def test_section_8_rules():
+    from benchmarks.fm_verdict import accuracy_verdict, time_verdict
+
+    assert accuracy_verdict(0.01, 0.001) == "supported"
+    assert accuracy_verdict(-0.01, 0.001) == "not supported"
+    assert accuracy_verdict(0.01, 0.2) == "mixed"
+    fast, slow = {"median": 10, "min": 9, "max": 11}, {"median": 20, "min": 19, "max": 22}
+    assert time_verdict(fast, slow, accuracy_worse=False) == "supported"
+    assert time_verdict(fast, slow, accuracy_worse=True) == "mixed"
+    assert time_verdict(slow, fast, accuracy_worse=False) == "not supported"
+    assert time_verdict(fast, {"median": 12, "min": 10.5, "max": 13}, False) == "mixed"
