@@ -185,9 +185,10 @@ def build() -> dict[str, Any]:
         res, _ = _load(f"fashion_mnist_protocol_sensitivity_{run}")
         if res is not None and res["mode"] == "full":
             sensitivity += res["arms"]
-    return {**got, "finetune": ft, "sensitivity": sensitivity, "curves": curves and {k: curves[k] for k in (
-        "summary", "verdict", "seeds", "sizes", "command", "mode") if k in curves},
-        "timing": timing, "verdict": verdict}
+    kept = ("summary", "verdict", "seeds", "sizes", "command", "mode")
+    return {**got, "finetune": ft, "sensitivity": sensitivity,
+            "curves": curves and {k: curves[k] for k in kept if k in curves},
+            "timing": timing, "verdict": verdict}
 
 
 def markdown(v: dict[str, Any]) -> str:
