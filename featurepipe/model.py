@@ -69,6 +69,7 @@ CHECKED_PACKAGES = ("featurepipe", "scikit-learn", "numpy", "torch", "torchvisio
 SKOPS_TRUSTED = (
     "featurepipe.heads.OutOfCoreSGDClassifier",
     "featurepipe.heads.ScaledGammaSVC",
+    "featurepipe.heads.blocks.BlockStandardScaler",
     "featurepipe.heads.kernel.RBFKernelClassifier",
     "featurepipe.heads.probe.LogisticProbeCV",
     "sklearn.metrics._scorer._PassthroughScorer",

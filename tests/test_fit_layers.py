@@ -194,3 +194,14 @@ def test_single_layer_model_file_of_format_1_still_loads(two_layers, tmp_path):
         model.predict_features(F, key_parts=key_parts_from_attrs(fs.attrs(key))),
         np.asarray(result.class_names, dtype=object)[result.head.predict(F)])
     assert isinstance(BlockStandardScaler(), BlockStandardScaler)
+
+
+def test_model_on_two_layers_saved_as_skops_loads_with_the_trusted_list(two_layers, tmp_path):
+    pytest.importorskip("skops")
+    path = tmp_path / "two.skops"
+    argv = ["fit", two_layers["store"], "--layers", "blocks.3,blocks.4", "--head", "logreg",
+            "--cv", "2", "--test-size", "0", "--out", path, "--quiet"]
+    assert main([str(a) for a in argv]) == 0
+    model = load_model(path, device="cpu", workers=0, precision="fp32")  # no trusted=[...]
+    assert model.layer_names == list(LAYERS)
+    assert len(model.predict(two_layers["images"])) == len(two_layers["images"])
