@@ -60,6 +60,12 @@ def test_an_arm_per_layer_and_one_side_by_side(layered):
     assert X.shape[1] == dims[f"{BB}@blocks.3"] + dims[f"{BB}@penultimate"]
     assert "n_train" in res.table and f"{BB}@blocks.3,penultimate+logreg" in res.table
     assert res.settings["layers"] == ["blocks.3", "penultimate"]
+    # One pass made both layers, so the side-by-side arm pays that pass once, like each layer.
+    for role in {e["role"] for e in res.embedding}:  # one pass per side (train, test)
+        assert len({e["computed_images_per_second"] for e in res.embedding
+                    if e["role"] == role}) == 1
+    feature_cost = [r["train_seconds"] - r["fit_seconds"] for r in frozen]
+    assert feature_cost[0] > 0 and feature_cost[2] == pytest.approx(feature_cost[0])
 
 
 def test_headline_among_layers_is_chosen_by_validation(layered):

@@ -95,7 +95,8 @@ def build_arms(classical: tuple[str, ...], backbones: tuple[str, ...], heads: tu
     for strategy in finetune:
         if strategy not in STRATEGIES:
             raise ConfigError(f"unknown fine-tuning strategy {strategy!r}; choose from "
-                              f"{', '.join(STRATEGIES)}")
+                              f"{', '.join(STRATEGIES)} (no fine-tuning: --no-finetune, or "
+                              "finetune=None in Python)")
         arms.append(ArmSpec(f"finetune-{strategy}", "finetune", "images", strategy=strategy,
                             backbone=finetune_backbone))
     names = [a.name for a in arms]

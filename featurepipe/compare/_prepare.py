@@ -110,8 +110,10 @@ def prepare(source: Any, out_dir: Path, *, labels: Sequence[Any] | None,
     for bb in backbones if layers is not None and len(layers) > 1 else ():
         *alone, (both, _) = layer_features(bb, layers or ())
         costs = [per_image.get(name) for name, _ in alone]
+        # Every layer comes out of the same pass (one decode, one forward), so side by side
+        # they cost that one pass, not the sum of the layers' (equal) shares.
         per_image[both] = (None if any(c is None for c in costs)
-                           else sum(c for c in costs if c is not None))
+                           else max(c for c in costs if c is not None))
     skipped = [{"role": s.role, "id": s.source.ids[i], "reason": why}
                for s in sides for i, why in sorted(s.bad.items())]
     first = sides[0].source
