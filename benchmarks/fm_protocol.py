@@ -254,7 +254,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             + ("" if arm["converged"] else " -- NOT CONVERGED (a failure)"))
 
     deferred = []  # frozen sets' kernel heads: only the best few by linear validation
-    for name in features:
+    for name in [n for n in features if _family(n) in args.families]:
         for family in args.heads:
             if (family == "kernel" and _family(name) == "frozen" and "linear" in args.heads
                     and args.frozen_kernel_top is not None):
@@ -486,6 +486,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--heads", type=lambda t: [x.strip() for x in t.split(",") if x.strip()],
                     default=["linear", "kernel"])
     ap.add_argument("--kernel", choices=["nystroem", "exact"], default="nystroem")
+    ap.add_argument("--families", type=lambda t: [x.strip() for x in t.split(",") if x.strip()],
+                    default=["classical", "frozen", "hybrid"],
+                    help="train the arms of these families only (e.g. hybrid, when the "
+                         "classical and frozen arms were run before)")
     ap.add_argument("--wide-grid", action="store_true",
                     help="the kernel head's widened grid (deviation 4's sensitivity check)")
     ap.add_argument("--frozen-kernel-top", type=int, default=None,
