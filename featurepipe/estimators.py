@@ -18,7 +18,7 @@ import dataclasses
 import os
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -26,7 +26,14 @@ from PIL import Image
 from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin, clone
 from sklearn.utils.validation import check_is_fitted
 
-from featurepipe.backbones import Backbone, BackboneSpec, load_backbone
+from featurepipe.backbones import (
+    Backbone,
+    BackboneSpec,
+    describe_backbone,
+    load_backbone,
+    load_layers,
+    parse_layers,
+)
 from featurepipe.decode import DecodePolicy, check_image_array
 from featurepipe.devices import resolve_device, resolve_precision
 from featurepipe.embedding import EmbedOptions, embed_in_memory, resolve_backbone, run_embed
@@ -79,7 +86,7 @@ class _Memo:
 
 
 _MEMO = _Memo()
-_BACKBONES: OrderedDict[BackboneSpec, Backbone] = OrderedDict()
+_BACKBONES: OrderedDict[tuple[BackboneSpec, ...], Backbone] = OrderedDict()
 
 
 def clear_caches(features: bool = True, backbones: bool = True) -> None:
@@ -90,14 +97,15 @@ def clear_caches(features: bool = True, backbones: bool = True) -> None:
         _BACKBONES.clear()
 
 
-def _shared_backbone(spec: BackboneSpec) -> Backbone:
-    """Load a backbone once per process (clones in a grid search share it)."""
-    if spec not in _BACKBONES:
-        _BACKBONES[spec] = load_backbone(spec)
+def _shared_backbone(specs: tuple[BackboneSpec, ...]) -> Backbone:
+    """Load a backbone once per process (clones in a grid search share it); several specs
+    (layers of one backbone) make one network giving their features side by side."""
+    if specs not in _BACKBONES:
+        _BACKBONES[specs] = load_backbone(specs[0]) if len(specs) == 1 else load_layers(specs)
         while len(_BACKBONES) > _MAX_BACKBONES:
             _BACKBONES.popitem(last=False)
-    _BACKBONES.move_to_end(spec)
-    return _BACKBONES[spec]
+    _BACKBONES.move_to_end(specs)
+    return _BACKBONES[specs]
 
 
 # --------------------------------------------------------------------------- inputs
@@ -197,6 +205,13 @@ class ImageEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         zeros and mark it in ``failed_mask_``; see Notes.
     progress : bool, default=False
         Show a progress bar while embedding.
+    layers : str, sequence of (str or None), or None, default=None
+        Several layers of the backbone side by side, from one decode and one forward per
+        image: ``"blocks.4,blocks.5,penultimate"`` or ``["blocks.5", None]`` (None and
+        ``"penultimate"`` name the pooled penultimate layer). The columns are each layer's
+        features in the order given, unscaled. Excludes ``layer``; not combined with
+        ``cache`` (a store keeps one entry per layer: fill it with
+        ``featurepipe.embed(..., layers=...)``).
 
     Attributes
     ----------
@@ -205,10 +220,14 @@ class ImageEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         The loaded network; not pickled, reloaded on first use after unpickling.
     precision_ : str
         The resolved precision.
-    key_parts_ : dict
-        Everything that changes a feature value (see :func:`featurepipe.identity.key_parts`).
+    key_parts_ : dict, or list of dict with ``layers``
+        Everything that changes a feature value (see :func:`featurepipe.identity.key_parts`);
+        with ``layers``, one per layer in column order.
     key_ : str
-        The feature-store entry key of ``key_parts_``.
+        The feature-store entry key of ``key_parts_`` (with ``layers``, a key of the layers'
+        keys, which names no store entry).
+    layer_dims_ : tuple of int
+        Width of each layer's block of columns (one entry without ``layers``).
     feature_dim_, n_features_out_ : int
         Width of the features.
     skipped_ : list of SkippedFile
@@ -249,7 +268,8 @@ class ImageEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
                  image_size: int | None = None, precision: str = "auto", batch_size: int = 64,
                  device: str = "auto", workers: int | None = None,
                  cache: str | os.PathLike | None = None, dtype: str = "float32",
-                 on_error: str = "raise", progress: bool = False) -> None:
+                 on_error: str = "raise", progress: bool = False,
+                 layers: str | Sequence[str | None] | None = None) -> None:
         self.backbone = backbone
         self.weights = weights
         self.layer = layer
@@ -262,6 +282,7 @@ class ImageEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         self.dtype = dtype
         self.on_error = on_error
         self.progress = progress
+        self.layers = layers
 
     # -- fit -------------------------------------------------------------------------------
 
@@ -289,18 +310,42 @@ class ImageEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
                               f"{type(self.cache).__name__}")
         if not isinstance(self.progress, (bool, np.bool_)):
             raise ConfigError(f"progress must be True or False; got {self.progress!r}")
-        spec = resolve_backbone(self.backbone, self.weights, self.layer, self.image_size)
-        backbone = _shared_backbone(spec)
+        specs = self._specs()
+        backbone = _shared_backbone(specs)
         device = resolve_device(self.device)
         self.precision_ = resolve_precision(self.precision, device)
-        self.backbone_spec_ = spec
+        self.backbone_spec_ = specs[0]
+        self.layer_specs_ = specs
         self.backbone_ = backbone
-        self.key_parts_ = key_parts(backbone, DecodePolicy(), self.precision_, self.dtype)
-        self.key_ = entry_key(self.key_parts_)
+        self.key_parts_ = self._key_parts(backbone)
+        self.key_ = (entry_key(self.key_parts_) if isinstance(self.key_parts_, dict)
+                     else entry_key({"layers": [entry_key(p) for p in self.key_parts_]}))
         self.feature_dim_ = self.n_features_out_ = int(backbone.feature_dim)
+        self.layer_dims_ = tuple(int(d) for d in backbone.layer_dims)
         self.skipped_: list[SkippedFile] = []
         self.__dict__.pop("failed_mask_", None)  # describes a transform of the previous fit
         return self
+
+    def _specs(self) -> tuple[BackboneSpec, ...]:
+        """The canonical spec of each layer asked for (one without ``layers``)."""
+        if self.layers is None:
+            return (resolve_backbone(self.backbone, self.weights, self.layer, self.image_size),)
+        if self.layer is not None:
+            raise ConfigError(f"give layer= or layers=, not both (layer={self.layer!r}, "
+                              f"layers={self.layers!r})")
+        if self.cache is not None:
+            raise ConfigError("layers= does not take cache=: a feature store keeps one entry "
+                              "per layer; fill it with featurepipe.embed(..., layers=...) and "
+                              "fit on the store")
+        return tuple(resolve_backbone(self.backbone, self.weights, name, self.image_size)
+                     for name in parse_layers(self.layers))
+
+    def _key_parts(self, backbone: Backbone) -> dict[str, Any] | list[dict[str, Any]]:
+        """Key parts of ``backbone``'s features; per layer (in column order) with ``layers``."""
+        if self.layers is None:
+            return key_parts(backbone, DecodePolicy(), self.precision_, self.dtype)
+        return [key_parts(describe_backbone(spec), DecodePolicy(), self.precision_, self.dtype)
+                for spec in self.layer_specs_]
 
     def _options(self) -> EmbedOptions:
         """The engine settings of this embedder (in memory: eager, never compiled).
@@ -400,9 +445,12 @@ class ImageEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         """The network, reloaded after unpickling; refused if its features would differ."""
         backbone = self.__dict__.get("backbone_")
         if backbone is None:
-            backbone = _shared_backbone(self.backbone_spec_)
-            now = key_parts(backbone, DecodePolicy(), self.precision_, self.dtype)
-            differs = differing_parts(now, self.key_parts_)
+            backbone = _shared_backbone(self.layer_specs_)
+            now, then = self._key_parts(backbone), self.key_parts_
+            nows = [now] if isinstance(now, dict) else now
+            thens = [then] if isinstance(then, dict) else then
+            differs = sorted({d for a, b in zip(nows, thens, strict=True)
+                              for d in differing_parts(a, b)})
             if differs:
                 raise SpecMismatchError(
                     f"backbone {self.backbone_spec_.name} now loads differently from when this "
@@ -463,6 +511,14 @@ class ImageEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstim
         state = super().__getstate__()
         state.pop("backbone_", None)
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Embedders pickled before ``layers`` existed read as single-layer ones.
+        state.setdefault("layers", None)
+        if "backbone_spec_" in state:
+            state.setdefault("layer_specs_", (state["backbone_spec_"],))
+            state.setdefault("layer_dims_", (state.get("feature_dim_"),))
+        super().__setstate__(state)
 
     def __sklearn_tags__(self) -> Any:
         tags = super().__sklearn_tags__()

@@ -239,7 +239,7 @@ class ImageClassifier:
                 spec.name, weights=spec.weights, layer=spec.layer, image_size=spec.image_size,
                 dtype=self.key_parts.get("dtype") or "float32", on_error="zero",
                 **self.embed_options).fit(X)
-            if self.key_parts:
+            if self.key_parts and isinstance(embedder.key_parts_, dict):
                 check_same_spec(self.key_parts, embedder.key_parts_,
                                 f"features of backbone {spec.name} as loaded now")
             self._embedder = embedder
@@ -374,23 +374,31 @@ def _embed_layers(model: ImageClassifier, X: Any
                   ) -> tuple[np.ndarray, list[tuple[int, str, str]], list[str]]:
     """Features of every layer of ``model`` side by side, bad images, ids.
 
-    One :class:`~featurepipe.estimators.ImageEmbedder` (one in-memory embedding pass) per
-    layer; an image bad at any layer is bad for all. The only place a multi-layer model
-    embeds, so a one-pass extractor replaces it alone.
+    Without a cache store: one :class:`~featurepipe.estimators.ImageEmbedder` on all the
+    layers, one decode and one forward per image. With ``cache``, one embedder per layer, each
+    reading and filling that layer's own store entry (an image the store already holds is not
+    embedded again); an image bad at any layer is bad for all.
     """
     from featurepipe.estimators import ImageEmbedder
 
     if model._embedder is None:
+        specs = [BackboneSpec.from_dict(layer["key_parts"]["spec"]) for layer in model.layers]
+        dtype = model.layers[0]["key_parts"].get("dtype") or "float32"
+        groups = ([specs] if model.embed_options.get("cache") is None
+                  else [[spec] for spec in specs])
         embedders = []
-        for layer in model.layers:
-            spec = BackboneSpec.from_dict(layer["key_parts"]["spec"])
-            embedder = ImageEmbedder(
-                spec.name, weights=spec.weights, layer=spec.layer, image_size=spec.image_size,
-                dtype=layer["key_parts"].get("dtype") or "float32", on_error="zero",
-                **model.embed_options).fit(X)
-            check_same_spec(layer["key_parts"], embedder.key_parts_,
+        for group in groups:
+            first = group[0]
+            names = {"layers": [spec.layer for spec in group]} if len(group) > 1 else {
+                "layer": first.layer}
+            embedders.append(ImageEmbedder(
+                first.name, weights=first.weights, image_size=first.image_size, dtype=dtype,
+                on_error="zero", **names, **model.embed_options).fit(X))
+        now = [parts for e in embedders
+               for parts in ([e.key_parts_] if isinstance(e.key_parts_, dict) else e.key_parts_)]
+        for layer, parts, spec in zip(model.layers, now, specs, strict=True):
+            check_same_spec(layer["key_parts"], parts,
                             f"features of backbone {spec.name} layer {spec.layer} as loaded now")
-            embedders.append(embedder)
         model._embedder = embedders
     blocks, bad, ids = [], {}, []
     for embedder in model._embedder:

@@ -19,6 +19,7 @@ from featurepipe.exceptions import (
     BackboneError,
     ConfigError,
     DecodeError,
+    FeaturePipeError,
     FeaturePipeWarning,
 )
 from featurepipe.records import SkippedFile
@@ -369,3 +370,63 @@ def test_bad_pil_image_is_named_by_its_position(tmp_path):
         ImageEmbedder(**SETTINGS).fit([images[0], paths[1]])
     with pytest.raises(ConfigError, match=r"one PIL image \(pass a list"):
         ImageEmbedder(**SETTINGS).fit(images[0])
+
+
+# --------------------------------------------------------------------------- several layers
+
+
+def test_layers_give_each_layer_side_by_side_from_one_forward(two_classes, counted):
+    paths, _ = two_classes
+    joint = ImageEmbedder(**SETTINGS, layers="blocks.3,penultimate").fit(paths)
+    singles = [ImageEmbedder(**SETTINGS, layer=layer).fit(paths) for layer in ("blocks.3", None)]
+    assert joint.layer_dims_ == tuple(s.feature_dim_ for s in singles)
+    assert [p["layer"] for p in joint.key_parts_] == ["blocks.3", None]
+    assert joint.key_parts_ == [s.key_parts_ for s in singles]
+    assert joint.key_ not in {s.key_ for s in singles}  # memoised apart from either layer
+    handle = joint.backbone_.extractor.register_forward_pre_hook(
+        lambda _m, args: counted.__setitem__("joint", counted.get("joint", 0) + len(args[0])))
+    try:
+        features = joint.transform(paths)
+    finally:
+        handle.remove()
+    assert counted.get("joint") == len(paths)  # each image through the network once
+    np.testing.assert_array_equal(features, np.hstack([s.transform(paths) for s in singles]))
+    assert joint.get_feature_names_out().shape == (sum(joint.layer_dims_),)
+
+
+def test_layers_survive_pickling_and_cloning(two_classes):
+    paths, _ = two_classes
+    joint = ImageEmbedder(**SETTINGS, layers=["blocks.3", None]).fit(paths)
+    expected = joint.transform(paths)
+    clear_caches()  # a new process: no features, no network
+    again = pickle.loads(pickle.dumps(joint))
+    assert "backbone_" not in again.__dict__
+    np.testing.assert_array_equal(again.transform(paths), expected)
+    assert clone(joint).get_params()["layers"] == ["blocks.3", None]
+
+
+def test_an_embedder_pickled_before_layers_existed_still_loads(two_classes):
+    paths, _ = two_classes
+    emb = ImageEmbedder(**SETTINGS).fit(paths)
+    expected = emb.transform(paths)
+    state = emb.__getstate__()
+    for name in ("layers", "layer_specs_", "layer_dims_"):
+        state.pop(name)
+    clear_caches()
+    old = ImageEmbedder.__new__(ImageEmbedder)
+    old.__setstate__(state)
+    assert old.get_params()["layers"] is None and old.layer_dims_ == (emb.feature_dim_,)
+    np.testing.assert_array_equal(old.transform(paths), expected)
+
+
+@pytest.mark.parametrize("extra, match", [
+    ({"layer": "blocks.3"}, "layer= or layers=, not both"),
+    ({"cache": "feats.h5"}, "does not take cache="),
+    ({"layers": "blocks.3,blocks.3"}, "more than once"),
+    ({"layers": "blocks.3,no_such_layer"}, "no_such_layer"),
+])
+def test_bad_layer_lists_are_one_line_errors(two_classes, extra, match):
+    kw = {"layers": "blocks.3,penultimate", **extra}
+    with pytest.raises(FeaturePipeError, match=match) as err:
+        ImageEmbedder(**SETTINGS, **kw).fit(two_classes[0])
+    assert "\n" not in str(err.value)

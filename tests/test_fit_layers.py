@@ -205,3 +205,30 @@ def test_model_on_two_layers_saved_as_skops_loads_with_the_trusted_list(two_laye
     model = load_model(path, device="cpu", workers=0, precision="fp32")  # no trusted=[...]
     assert model.layer_names == list(LAYERS)
     assert len(model.predict(two_layers["images"])) == len(two_layers["images"])
+
+
+def test_model_on_two_layers_embeds_images_in_one_pass(two_layers, tmp_path, monkeypatch):
+    import featurepipe.estimators as estimators
+
+    path = tmp_path / "two.joblib"
+    argv = ["fit", two_layers["store"], "--layers", "blocks.3,blocks.4", "--head", "logreg",
+            "--cv", "2", "--test-size", "0", "--out", path, "--quiet"]
+    assert main([str(a) for a in argv]) == 0
+    estimators.clear_caches(backbones=False)
+    passes = []
+    real = estimators.embed_in_memory
+
+    def counted(source, backbone, *args, **kwargs):
+        passes.append((len(source), backbone.layer_dims))
+        return real(source, backbone, *args, **kwargs)
+
+    monkeypatch.setattr(estimators, "embed_in_memory", counted)
+    model = load_model(path, device="cpu", workers=0, precision="fp32")
+    model.predict(two_layers["images"])
+    assert passes == [(len(two_layers["images"]), model.block_dims)]
+    # With a cache store each layer reads and fills its own entry: one pass per layer, once.
+    cached = load_model(path, device="cpu", workers=0, precision="fp32", cache=tmp_path / "c.h5")
+    np.testing.assert_array_equal(cached.predict(two_layers["images"]),
+                                  model.predict(two_layers["images"]))
+    assert sorted(FeatureStore(tmp_path / "c.h5").keys()) == sorted(
+        layer["key"] for layer in model.layers)
