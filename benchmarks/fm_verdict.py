@@ -180,11 +180,20 @@ def build() -> dict[str, Any]:
                                             "classical arms on a 2-core CPU)")
     verdict["frozen"]["labelled_data"] = curves["verdict"] if curves else "not measured"
     verdict["finetune"]["labelled_data"] = "not measured (no GPU lent for fine-tuning curves)"
-    sensitivity = []
+    sensitivity, sens_preds = [], {}
     for run in ("classical", "frozen"):
-        res, _ = _load(f"fashion_mnist_protocol_sensitivity_{run}")
+        res, p = _load(f"fashion_mnist_protocol_sensitivity_{run}")
         if res is not None and res["mode"] == "full":
             sensitivity += res["arms"]
+            sens_preds.update(p)
+    sens_comps = []
+    sens_heads = {fam: headline(sensitivity, fam) for fam in FAMILY_ORDER}
+    for fa, fb in (("frozen", "classical"), ("hybrid", "classical")):
+        a, b = sens_heads[fa], sens_heads[fb]
+        if a and b and "y_test" in sens_preds and a["arm"] in sens_preds and b["arm"] in sens_preds:
+            sens_comps.append({"a": a["arm"], "b": b["arm"], "family_a": fa, "family_b": fb,
+                               **paired_comparison(sens_preds["y_test"], sens_preds[a["arm"]],
+                                                   sens_preds[b["arm"]])})
     kept = ("summary", "verdict", "seeds", "sizes", "command", "mode")
     more, _ = _load("fashion_mnist_curves_600")
     full = None
@@ -192,6 +201,7 @@ def build() -> dict[str, Any]:
         full = {"size": 6000, "frozen": heads["frozen"], "classical": cl,
                 "difference": h1["difference"], "pvalue": h1["pvalue"]}
     return {**got, "finetune": ft, "sensitivity": sensitivity,
+            "sensitivity_comparisons": sens_comps,
             "curves": curves and {k: curves[k] for k in kept if k in curves},
             "curves_more": more and {k: more[k] for k in kept if k in more},
             "curve_full_size": full, "timing": timing, "verdict": verdict}
@@ -283,6 +293,12 @@ def markdown(v: dict[str, Any]) -> str:
             L.append(f"| {a['arm']} | {_pct(a['val_accuracy'])} | {_pct(a['accuracy'])} "
                      f"[{_pct(lo)}, {_pct(hi)}] | {chosen} | "
                      f"{'-' if base is None else _pct(base)} |")
+        if v.get("sensitivity_comparisons"):
+            L.append("")
+        for c in v.get("sensitivity_comparisons", []):
+            L.append(f"- sensitivity check, {c['family_a']} `{c['a']}` vs {c['family_b']} "
+                     f"`{c['b']}` (each chosen by validation among the check's arms): "
+                     f"{c['difference']:+.4f} (exact McNemar p = {c['pvalue']:.3g})")
     L += ["", "## Training time", ""]
     t = v["timing"]
     if t:
